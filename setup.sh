@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command sets up this machine: PyTorch (a CUDA build where an NVIDIA GPU is present, otherwise a CPU
+# build) and the project's requirements. Safe to re-run; it keeps a working torch that is already installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python3}"
+
+if "$PY" -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__.split('.')[:2])) >= (2, 1) else 1)" 2>/dev/null; then
+    echo "setup: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: NVIDIA GPU found, installing a CUDA build of torch"
+    "$PY" -m pip install "torch>=2.1"
+else
+    # No GPU: 2.13.0 is the version we test on the CPU (some machines carry its CPU wheel locally).
+    echo "setup: no NVIDIA GPU found, installing torch 2.13.0 for the CPU"
+    "$PY" -m pip install "torch==2.13.0"
+fi
+
+"$PY" -m pip install -r requirements.txt
+"$PY" - <<'PYCHECK'
+import torch
+print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+PYCHECK
