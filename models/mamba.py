@@ -1,0 +1,394 @@
+"""Mamba-1 language model, as released by Gu & Dao (state-spaces/mamba), in plain PyTorch.
+
+Parameter names and math match HF transformers' MambaForCausalLM, so its checkpoints load as they are
+(models/hf_format.py). The selective scan itself lives in kernels/ and is chosen there.
+
+Shape letters (the paper's notation, as in mamba-minimal):
+    b: batch size                     l: sequence length
+    d: d_model (residual stream)      d_in: d_inner = expand * d_model (channels of the SSM)
+    n: d_state (SSM state per channel) r: dt_rank (rank of the delta projection)
+    k: d_conv (conv width)            v: padded vocabulary size
+
+There are no positional embeddings: the recurrence (and the causal conv) already knows the order of tokens.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import resolve_backend, selective_scan, selective_state_update
+
+from .config import MambaConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in the weight's dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * rstd * self.weight.float()).to(self.weight.dtype)
+
+
+@dataclass
+class MambaCache:
+    """Recurrent state for decoding, one entry per layer. Updated in place by forward(cache=...) and step().
+
+    conv_states[i]: (b, d_in, k) the last k inputs of layer i's causal conv, in the model's dtype
+    ssm_states[i]:  (b, d_in, n) the SSM state h of layer i, always fp32
+    seqlen_offset:  tokens consumed so far
+    """
+    conv_states: list[torch.Tensor]
+    ssm_states: list[torch.Tensor]
+    seqlen_offset: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_states[0].shape[0]
+
+
+class SelectiveSSM(nn.Module):
+    """The Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (D skip, SiLU(z) gate) -> out_proj."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        d, d_in, n, r, k = config.d_model, config.d_inner, config.d_state, config.resolved_dt_rank, config.d_conv
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_in, n, r, k
+        self.in_proj = nn.Linear(d, 2 * d_in, bias=config.bias)
+        self.conv1d = nn.Conv1d(d_in, d_in, kernel_size=k, groups=d_in, padding=k - 1, bias=config.conv_bias)
+        self.x_proj = nn.Linear(d_in, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d_in, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_in, n))
+        self.D = nn.Parameter(torch.empty(d_in))
+        self.out_proj = nn.Linear(d_in, d, bias=config.bias)
+        # The trainer leaves these out of weight decay, as mamba_ssm does.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The released initialisation (mamba_ssm Mamba.__init__ and MambaLMHeadModel._init_weights).
+
+        in_proj, x_proj, conv1d keep PyTorch's default init; only what mamba_ssm changes is set here.
+        """
+        cfg = self.config
+        dt_init_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        # delta = softplus(bias) starts log-uniform in [dt_min, dt_max]: store softplus^-1(dt) = dt + log(1 - e^-dt)
+        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.D.device) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A = -(1, 2, ..., n) for every channel
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        for linear in (self.in_proj, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        # GPT-2 style: out_proj feeds the residual stream once per layer, so scale it by 1/sqrt(n_layer)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+
+    def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, scan_backend="ref"):
+        """Args:
+            x: (b, l, d)
+            attention_mask: (b, l) bool or None; False = left padding, which never moves the state
+            conv_state, ssm_state: this layer's cache tensors to fill (prefill), or None
+            scan_backend: a concrete kernels backend name
+        Returns:
+            (b, l, d)
+        """
+        seqlen = x.shape[1]
+        xz = self.in_proj(x).transpose(1, 2)                                   # (b, 2*d_in, l)
+        x, z = xz.chunk(2, dim=1)                                              # (b, d_in, l) each
+        if attention_mask is not None:
+            # pads feed zeros to the conv, exactly as if the sequence started at its first real token
+            x = x * attention_mask[:, None, :].to(x.dtype)
+        if conv_state is not None:
+            conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))             # (b, d_in, k): last k inputs
+        x = F.silu(self.conv1d(x)[..., :seqlen])                               # (b, d_in, l)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))                                 # (b, l, r + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # (b, d_in, l), bias added in the scan
+        B = B.transpose(1, 2).contiguous()                                     # (b, n, l)
+        C = C.transpose(1, 2).contiguous()                                     # (b, n, l)
+        A = -torch.exp(self.A_log.float())                                     # (d_in, n)
+        delta_bias, softplus = self.dt_proj.bias.float(), True
+        if attention_mask is not None:
+            # delta = 0 at pads: exp(0 * A) = 1 and delta * B * x = 0, so h does not move
+            delta = F.softplus(delta.float() + delta_bias[None, :, None]) * attention_mask[:, None, :]
+            delta_bias, softplus = None, False
+        y = selective_scan(x, delta.contiguous(), A, B, C, D=self.D.float(), z=z, delta_bias=delta_bias,
+                           delta_softplus=softplus, return_last_state=ssm_state is not None,
+                           backend=scan_backend)                               # (b, d_in, l)
+        if ssm_state is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))                                # (b, l, d)
+
+    def step(self, x, conv_state, ssm_state):
+        """One token. Args: x (b, d); conv_state (b, d_in, k) and ssm_state (b, d_in, n), updated in place.
+        Returns: (b, d)"""
+        x, z = self.in_proj(x).chunk(2, dim=-1)                                # (b, d_in) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = torch.sum(conv_state * self.conv1d.weight[:, 0, :], dim=-1)        # (b, d_in)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(z.dtype)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)                                 # (b, d_in)
+        A = -torch.exp(self.A_log.float())                                     # (d_in, n)
+        y = selective_state_update(ssm_state, x, dt, A, B, C, D=self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)   # (b, d_in)
+        return self.out_proj(y)                                                # (b, d)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)); the residual stream optionally kept in fp32."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = SelectiveSSM(config)
+
+    def forward(self, h, attention_mask=None, conv_state=None, ssm_state=None, scan_backend="ref"):
+        """h: (b, l, d) -> (b, l, d)"""
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + self.mixer(self.norm(h), attention_mask, conv_state, ssm_state, scan_backend)
+
+    def step(self, h, conv_state, ssm_state):
+        """h: (b, d) -> (b, d)"""
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + self.mixer.step(self.norm(h), conv_state, ssm_state)
+
+
+class MambaLanguageModel(nn.Module):
+    """Token embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = nn.ModuleDict(dict(
+            embeddings=nn.Embedding(config.padded_vocab_size, config.d_model),
+            layers=nn.ModuleList([MambaBlock(config) for _ in range(config.n_layer)]),
+            norm_f=RMSNorm(config.d_model, eps=config.norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        self.gradient_checkpointing = False
+        self._scan_backend = None   # (device type, concrete backend), resolved on first use
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each block's activations in backward (training only): memory ~ one block instead of all."""
+        self.gradient_checkpointing = enabled
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, the tied embedding/head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def scan_backend_for(self, device: torch.device) -> str:
+        """The concrete selective-scan backend for `device`, resolved once per device type and logged."""
+        if self._scan_backend is None or self._scan_backend[0] != device.type:
+            requested = self.config.scan_backend
+            try:
+                name = resolve_backend(requested, device)
+            except RuntimeError as err:
+                name = resolve_backend("auto", device)
+                logger.warning("%s Falling back to scan backend %r.", err, name)
+            logger.info("selective scan backend: %s (requested %r, device %s)", name, requested, device.type)
+            self._scan_backend = (device.type, name)
+        return self._scan_backend[1]
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        """Empty recurrent state for `batch_size` sequences (conv states in `dtype`, SSM states in fp32)."""
+        weight = self.backbone.embeddings.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        cfg = self.config
+        return MambaCache(
+            conv_states=[torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, device=device, dtype=dtype)
+                         for _ in range(cfg.n_layer)],
+            ssm_states=[torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32)
+                        for _ in range(cfg.n_layer)],
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, targets=None, attention_mask=None, cache=None):
+        """Args:
+            input_ids: (b, l) long
+            targets: (b, l) long or None; -100 marks positions left out of the loss
+            attention_mask: (b, l) 1 = token, 0 = left padding; or None
+            cache: an empty MambaCache (from init_cache) to fill for decoding with step(), or None
+        Returns:
+            logits (b, l, v), loss (mean cross-entropy over targets != -100) or None
+        """
+        hidden = self._hidden_states(input_ids, attention_mask, cache)        # (b, l, d)
+        logits = self.lm_head(hidden)                                          # (b, l, v)
+        loss = None
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def _hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """The final-normed residual stream (b, l, d)."""
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a (batch, length) long tensor, "
+                             f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        mask = None if attention_mask is None else self._check_mask(attention_mask, input_ids)
+        if cache is not None:
+            if cache.seqlen_offset != 0:
+                raise ValueError("forward(cache=...) fills an empty cache (prompt prefill); "
+                                 "continue a filled one token by token with step()")
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(f"cache is for batch size {cache.batch_size}, input_ids has {input_ids.shape[0]}")
+        h = self.backbone.embeddings(input_ids)                                # (b, l, d)
+        backend = self.scan_backend_for(h.device)
+        use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.backbone.layers):
+            conv_state = None if cache is None else cache.conv_states[i]
+            ssm_state = None if cache is None else cache.ssm_states[i]
+            if use_checkpoint:
+                h = checkpoint(layer, h, mask, None, None, backend, use_reentrant=False)
+            else:
+                h = layer(h, mask, conv_state, ssm_state, backend)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        return self.backbone.norm_f(h)
+
+    @staticmethod
+    def _check_mask(attention_mask, input_ids):
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool()
+        if (mask != attention_mask).any():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError("attention_mask must be LEFT padding (all 0s before all 1s in each row); "
+                             "a recurrent model cannot skip pads in the middle or at the end")
+        return mask
+
+    def step(self, token_ids, cache: MambaCache):
+        """Advance every sequence by one token, in O(1) time and memory.
+
+        Args:
+            token_ids: (b,) long
+            cache: MambaCache, updated in place
+        Returns:
+            logits (b, v)
+        """
+        if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"step() takes one token per sequence, shape ({cache.batch_size},); "
+                             f"got {tuple(token_ids.shape)}")
+        h = self.backbone.embeddings(token_ids)                                # (b, d)
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer.step(h, cache.conv_states[i], cache.ssm_states[i])
+        cache.seqlen_offset += 1
+        return self.lm_head(self.backbone.norm_f(h))                           # (b, v)
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                 attention_mask=None, generator=None):
+        """Sample continuations: the prompt is prefilled in one parallel pass, then one O(1) step per token.
+
+        Args:
+            input_ids: (b, l) long prompts, LEFT-padded if their lengths differ (then give attention_mask)
+            max_new_tokens: tokens to add
+            temperature: 0 = greedy; otherwise logits are divided by it before sampling
+            top_k: keep only the k most likely tokens (None = all)
+            top_p: nucleus sampling, keep the smallest set of tokens whose probability reaches top_p (None = all)
+            eos_token_id: a sequence that produces it stops; its later positions are filled with eos_token_id.
+                Generation ends early once every sequence has stopped.
+            attention_mask: (b, l), 1 = token, 0 = left padding
+            generator: torch.Generator for reproducible sampling
+        Returns:
+            (b, l + new) prompt followed by the new tokens (new <= max_new_tokens)
+        """
+        self._check_sampling_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        cache = self.init_cache(input_ids.shape[0], device=input_ids.device)
+        hidden = self._hidden_states(input_ids, attention_mask, cache)
+        logits = self.lm_head(hidden[:, -1])                                   # (b, v)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens = [input_ids]
+        for i in range(max_new_tokens):
+            next_ids = self._sample(logits, temperature, top_k, top_p, generator)   # (b,)
+            if eos_token_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+                finished |= next_ids == eos_token_id
+            tokens.append(next_ids[:, None])
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits = self.step(next_ids, cache)
+        return torch.cat(tokens, dim=1)
+
+    def _sample(self, logits, temperature, top_k, top_p, generator):
+        """(b, v) logits -> (b,) token ids, never one of the padding rows beyond vocab_size."""
+        logits = logits[:, :self.config.vocab_size].float()
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]            # (b, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the more likely ones already reach top_p (the most likely always stays)
+            drop = probs.cumsum(dim=-1) - probs >= top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def _check_sampling_args(self, input_ids, max_new_tokens, temperature, top_k, top_p):
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, length >= 1), got shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0 or math.isinf(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, scan_backend="auto") -> "MambaLanguageModel":
+        """Load an HF MambaForCausalLM directory or an original mamba_ssm one (see models/hf_format.py)."""
+        from .hf_format import load_pretrained
+        return load_pretrained(path, device=device, dtype=dtype, scan_backend=scan_backend)
+
+    def save_pretrained(self, path, eos_token_id=None):
+        """Write config.json + model.safetensors that transformers' MambaForCausalLM loads (models/hf_format.py)."""
+        from .hf_format import save_pretrained
+        save_pretrained(self, path, eos_token_id=eos_token_id)
