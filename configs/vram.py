@@ -1,0 +1,74 @@
+"""VRAM presets: how a model size is laid out on a card of a given memory, as data.
+
+VRAM_PRESETS[vram][model_size] sets micro_batch_size, grad_accum_steps, seq_len and gradient_checkpointing.
+Every GPU preset keeps the same tokens per optimizer step (TOKENS_PER_STEP) so a recipe behaves the same on
+any card; smaller cards get there with smaller micro-batches, more accumulation and checkpointing.
+The figures are measured, not guessed: BENCHMARKS.md (section memory) has the peak memory of real training
+steps for every entry, with each card's budget imposed by torch.cuda.set_per_process_memory_fraction.
+
+"cpu" is what "auto" picks on a machine without a GPU: a short demonstration run that finishes in minutes
+(it also sets the run length; a training preset's longer schedule is meant for a GPU). A model size given
+explicitly always wins; with none given the CPU trains "tiny".
+"""
+
+VRAM_CHOICES = ("8gb", "12gb", "16gb", "24gb", "32gb", "48gb")
+TOKENS_PER_STEP = 64 * 2048   # 131,072 tokens per optimizer step on every GPU preset
+
+# The default model size per preset when none is given (a GPU trains "small", the CPU "tiny").
+DEFAULT_MODEL_SIZE = {"gpu": "small", "cpu": "tiny"}
+
+
+def _layout(micro_batch_size, seq_len, gradient_checkpointing):
+    """One entry: accumulation is derived so that micro * accum * seq_len == TOKENS_PER_STEP."""
+    accum = TOKENS_PER_STEP // (micro_batch_size * seq_len)
+    assert accum * micro_batch_size * seq_len == TOKENS_PER_STEP, (micro_batch_size, seq_len)
+    return {"micro_batch_size": micro_batch_size, "grad_accum_steps": accum, "seq_len": seq_len,
+            "gradient_checkpointing": gradient_checkpointing}
+
+
+VRAM_PRESETS = {
+    #            size:   micro, seq_len, checkpointing
+    "8gb": {
+        "tiny":   _layout(32, 2048, False),
+        "small":  _layout(8, 2048, True),
+        "medium": _layout(4, 2048, True),
+        "large":  _layout(2, 2048, True),
+    },
+    "12gb": {
+        "tiny":   _layout(32, 2048, False),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(8, 2048, True),
+        "large":  _layout(4, 2048, True),
+    },
+    "16gb": {
+        "tiny":   _layout(64, 2048, False),
+        "small":  _layout(4, 2048, False),
+        "medium": _layout(8, 2048, True),
+        "large":  _layout(4, 2048, True),
+    },
+    "24gb": {
+        "tiny":   _layout(64, 2048, False),
+        "small":  _layout(8, 2048, False),
+        "medium": _layout(4, 2048, False),
+        "large":  _layout(8, 2048, True),
+    },
+    "32gb": {
+        "tiny":   _layout(64, 2048, False),
+        "small":  _layout(8, 2048, False),
+        "medium": _layout(8, 2048, False),
+        "large":  _layout(16, 2048, True),
+    },
+    "48gb": {
+        "tiny":   _layout(64, 2048, False),
+        "small":  _layout(16, 2048, False),
+        "medium": _layout(8, 2048, False),
+        "large":  _layout(4, 2048, False),
+    },
+}
+
+# The CPU: a short run (a few minutes on 2 cores for "tiny") that still shows the loss falling.
+CPU_PRESET = {
+    "layout": {"micro_batch_size": 8, "grad_accum_steps": 1, "seq_len": 256, "gradient_checkpointing": False},
+    "schedule": {"max_steps": 300, "warmup_steps": 30, "eval_interval": 100, "eval_batches": 4,
+                 "checkpoint_interval": 100},
+}
