@@ -1,0 +1,239 @@
+"""What `python train.py` does, as a function tests can call: resolve settings, set up, train, report.
+
+    settings (training/config.py) -> device, precision, DDP -> data (utils/dataset.py) -> model (new, resumed,
+    or --init_from) -> memory fit check -> start-up summary -> Trainer.train()
+
+Bad input (ConfigError, the data pipeline's DataError, a checkpoint that does not match) is reported in one
+line with exit code 2 and no traceback; a run that has to stop (TrainingStopped) exits with code 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import ConfigError, TrainConfig, parse_args, resolve_config
+from .memory import budget_bytes, estimate_for, fit_layout
+from .precision import resolve_device, resolve_precision
+from .trainer import Trainer, TrainingStopped
+
+CHECKPOINTS = Path("checkpoints")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _resume_search_path(overrides: dict, config_file: str | None) -> tuple[Path, str]:
+    """Where --resume looks: the given path, else --out_dir / checkpoints/<run_name>, else checkpoints/."""
+    from .config import load_config_file
+    user = dict(load_config_file(config_file)) if config_file else {}
+    user.update(overrides)
+    where = user["resume"]
+    if where != "latest":
+        return Path(where), "the path given to --resume"
+    if user.get("out_dir"):
+        return Path(user["out_dir"]), "--out_dir"
+    if user.get("run_name"):
+        return CHECKPOINTS / user["run_name"], "--run_name"
+    return CHECKPOINTS, "checkpoints/"
+
+
+def _find_resume_checkpoint(overrides, config_file) -> Path:
+    where, what = _resume_search_path(overrides, config_file)
+    try:
+        found = ckpt.find_latest_checkpoint(where)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--resume: {err}") from None
+    if found is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {str(where)!r} ({what}); "
+                          f"start a new run without --resume")
+    if not (found / ckpt.STATE_FILE).is_file() or not (found / ckpt.TRAIN_CONFIG_FILE).is_file():
+        raise ConfigError(f"--resume: {str(found)!r} holds weights but no training state; use --init_from to "
+                          f"start a new run from it")
+    return found
+
+
+def _check_shape(expected, found, source: str, cfg: TrainConfig) -> None:
+    """Refuse to load weights of another model shape (a clear message instead of a size-mismatch traceback)."""
+    keys = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "tie_embeddings")
+    a, b = expected.to_dict(), found.to_dict()
+    diffs = [f"{k} {b[k]} (this run: {a[k]})" for k in keys if a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigError(f"{source} is a model of another shape: {', '.join(diffs)}. This run asks for "
+                          f"model_size {cfg.model_size!r}; resume with the settings the checkpoint was trained "
+                          f"with (leave out --model_size), or start a new run with --run_name")
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer, show_progress: bool):
+    from utils.dataset import prepare_dataset
+    from utils.errors import DataError
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist or is not a directory; put your documents "
+                          f"in a folder (e.g. data/) or leave --data_dir out to use the built-in corpus")
+    try:
+        return prepare_dataset(data_dir=cfg.data_dir, hf_dataset=cfg.hf_dataset, text_field=cfg.text_field,
+                               tokenizer=tokenizer if tokenizer is not None else cfg.tokenizer,
+                               vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir,
+                               show_progress=show_progress)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+
+
+def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
+    """Everything before the loop. Returns a ready Trainer (its run_dir, cfg, model set)."""
+    from configs.model_sizes import model_config
+    from models import MambaLanguageModel
+    from models.hf_format import read_config
+    from utils.tokenizer import Tokenizer
+
+    # -- settings: a resumed run starts from its saved config
+    resume_from = None
+    base = None
+    if overrides.get("resume") or (config_file and "resume" in _peek(config_file)):
+        resume_from = _find_resume_checkpoint(overrides, config_file)
+        base = ckpt.load_train_config(resume_from)
+    req = dict(base or {})
+    req.update(_peek(config_file) if config_file else {})
+    req.update(overrides)
+    device_type = dist_utils.device_type_requested(req.get("device", "auto"))
+    dist = dist_utils.setup(device_type)
+    device = resolve_device(req.get("device", "auto"), dist.local_rank)
+    total_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    cfg = resolve_config(overrides, config_file, device_type=device.type, total_memory_bytes=total_mem, base=base)
+    if resume_from is not None:
+        cfg.resume = str(resume_from)
+    precision = resolve_precision(cfg.precision, device)
+    if not dist.is_main:
+        log = lambda *a, **k: None  # noqa: E731
+    torch.manual_seed(cfg.seed)
+
+    # -- run directory (rank 0 names it; the others follow)
+    if resume_from is not None:
+        run_dir = resume_from.parent
+    elif cfg.out_dir:
+        run_dir = Path(cfg.out_dir)
+    else:
+        name = cfg.run_name or f"{cfg.model_size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = CHECKPOINTS / name
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
+    if resume_from is None and dist.is_main and ckpt.list_step_dirs(run_dir):
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds checkpoints; continue it with --resume, "
+                          f"or choose another --run_name / --out_dir")
+    cfg.run_name = run_dir.name
+
+    # -- tokenizer and weights to start from
+    tokenizer, init_dir = None, None
+    if resume_from is not None:
+        init_dir = resume_from
+    elif cfg.init_from:
+        try:
+            init_dir = ckpt.find_latest_checkpoint(cfg.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--init_from: {err}") from None
+        if init_dir is None:
+            raise ConfigError(f"--init_from: no model under {cfg.init_from!r}")
+    if init_dir is not None:
+        if not (init_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"{str(init_dir)!r} has no tokenizer.json; a checkpoint must carry the tokenizer its "
+                              f"model was trained with")
+        tokenizer = Tokenizer.load(init_dir) if (init_dir / "tokenizer_meta.json").is_file() \
+            else Tokenizer.from_pretrained(str(init_dir))
+
+    # -- data: rank 0 prepares (or reuses) the shards, the others then read them
+    if dist.enabled and not dist.is_main:
+        dist_utils.barrier()
+    data = _prepare_data(cfg, tokenizer, show_progress=dist.is_main and cfg.progress)
+    if dist.enabled and dist.is_main:
+        dist_utils.barrier()
+    tokenizer = data.tokenizer if tokenizer is None else tokenizer
+
+    # -- the model
+    try:
+        expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, scan_backend=cfg.scan_backend)
+        if init_dir is not None:
+            found, _ = read_config(init_dir, scan_backend=cfg.scan_backend)
+            if cfg.init_from and resume_from is None:
+                expected = found              # fine-tuning: the loaded model's shape is the shape
+            _check_shape(expected, found, f"checkpoint {str(init_dir)!r}", cfg)
+            model = MambaLanguageModel.from_pretrained(init_dir, device="cpu", dtype=torch.float32,
+                                                       scan_backend=cfg.scan_backend)
+        else:
+            model = MambaLanguageModel(expected)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
+    n_params = model.num_parameters()
+
+    # -- will it fit? (checked before the first step, never an out-of-memory error an hour in)
+    est = estimate_for(model.config, n_params, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
+                       precision.name)
+    if device.type == "cuda" and cfg.vram != "cpu":
+        budget = budget_bytes(cfg.vram, total_mem)
+        micro, accum, gc, est, notes = fit_layout(model.config, n_params, cfg.micro_batch_size,
+                                                  cfg.grad_accum_steps, cfg.seq_len, cfg.gradient_checkpointing,
+                                                  precision.name, budget)
+        if est.total > budget:
+            raise ConfigError(
+                f"model_size {cfg.model_size!r} at seq_len {cfg.seq_len} needs {est.describe()} even at "
+                f"micro-batch {micro} with gradient checkpointing; the {cfg.vram} budget is "
+                f"{budget / 2**30:.1f} GiB. Use a smaller --model_size or --seq_len, or a larger --vram")
+        if notes:
+            cfg = dataclasses.replace(cfg, micro_batch_size=micro, grad_accum_steps=accum, gradient_checkpointing=gc)
+            for note in notes:
+                log(f"memory: {note}")
+
+    resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
+                      log=log)
+
+    backend = model.scan_backend_for(device)
+    world = dist.world_size
+    log("\n".join([
+        f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),
+        f"model        {cfg.model_size}: {n_params:,} parameters (d_model {model.config.d_model}, "
+        f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})",
+        f"data         {len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens",
+        f"batch        {cfg.micro_batch_size} x {cfg.seq_len} tokens x {cfg.grad_accum_steps} accumulation"
+        f"{f' x {world} GPUs' if world > 1 else ''} = {cfg.tokens_per_step * world:,} tokens per optimizer step",
+        f"device       {device} ({'DDP ' + str(world) + ' processes, ' if world > 1 else ''}"
+        f"precision {precision.name}, scan backend {backend}, "
+        f"{'gradient checkpointing, ' if cfg.gradient_checkpointing else ''}"
+        f"{'fused ' if trainer.fused else ''}AdamW{', torch.compile' if cfg.compile else ''})",
+        f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
+        f"schedule     {cfg.training}: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
+        f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
+    ]))
+    return trainer
+
+
+def _peek(config_file: str) -> dict:
+    from .config import load_config_file
+    return load_config_file(config_file)
+
+
+def main(argv=None) -> int:
+    """python train.py [flags]. Returns the exit code."""
+    overrides, config_file = parse_args(argv)
+    try:
+        trainer = setup(overrides, config_file)
+        summary = trainer.train()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    finally:
+        dist_utils.teardown()
+    if trainer.dist.is_main:
+        print(f"done: step {summary['step']}, train loss {summary['loss']:.4f}, best val loss "
+              f"{summary['best_val_loss']:.4f}; checkpoints, metrics.jsonl and loss.png in {trainer.run_dir}",
+              flush=True)
+    return 0

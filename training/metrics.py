@@ -1,0 +1,84 @@
+"""metrics.jsonl, loss.png and the optional experiment trackers (rank 0 only).
+
+metrics.jsonl holds one JSON object per line:
+    train rows: {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "skipped"}
+    eval rows:  {"step", "tokens", "val_loss", "val_ppl", "best_val_loss"}
+A resumed run first drops the rows after its checkpoint's step, so the file reads as one continuous run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only: no display needed, on a server or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb: bool = False,
+                 tensorboard: bool = False, config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        if self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._wandb = self._tb = None
+        if wandb:
+            if importlib.util.find_spec("wandb") is None:
+                raise RuntimeError("--wandb needs the wandb package: pip install wandb")
+            import wandb as wandb_mod
+            self._wandb = wandb_mod.init(project="mamba-trainer", name=self.run_dir.name, config=config,
+                                         resume="allow")
+        if tensorboard:
+            if importlib.util.find_spec("tensorboard") is None:
+                raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+
+    def plot(self) -> Path:
+        """Write loss.png: train loss per logged step and validation loss per eval."""
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(self.run_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.run_dir / "loss.png"
+        tmp = self.run_dir / ".loss.png.tmp"
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        tmp.replace(out)
+        return out
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,295 @@
+"""The training loop: accumulation, clipping, mixed precision, non-finite skips, OOM fallback, eval, checkpoints.
+
+One optimizer step:
+    fetch grad_accum_steps micro-batches from the sampler (kept on the CPU until the step succeeds)
+    for each micro-batch, split into pieces of `micro_split` rows (= micro_batch_size until memory runs out):
+        forward under autocast, backward of loss * rows/total_rows (DDP syncs only on the last piece)
+    unscale (fp16), clip, check loss and grad norm are finite, then step or skip
+If the GPU runs out of memory mid-step the gradients are dropped, micro_split is halved (so twice as many
+passes carry the same rows: the effective batch and the data stream do not change) and the step is redone.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .distributed import DistInfo
+from .metrics import MetricsLogger
+from .optim import build_optimizer, lr_at
+from .precision import Precision
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a run of non-finite steps, out of memory at micro-batch 1); the message says why."""
+
+
+class Trainer:
+    """Trains `model` on `data` as `cfg` says; writes checkpoints and metrics to `run_dir` (rank 0).
+
+    Args:
+        cfg: the resolved TrainConfig
+        model: MambaLanguageModel (fp32 parameters), on any device; moved to `device`
+        tokenizer: saved into every checkpoint
+        data: utils.dataset.PreparedData (train_tokens, val_tokens)
+        device, precision: from training.precision
+        dist: rank information (training.distributed.setup)
+        run_dir: the run directory
+        resume_state: a checkpoint's training state (checkpoint.load_training_state), or None
+        log: where start-up and event messages go (rank 0 only)
+    """
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, data, device: torch.device, precision: Precision,
+                 dist: DistInfo, run_dir: Path, resume_state: dict | None = None, log=print):
+        from utils.sampler import BatchSampler
+
+        self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
+        self.device, self.precision, self.dist = device, precision, dist
+        self.run_dir = Path(run_dir)
+        self.log = log if dist.is_main else (lambda *a, **k: None)
+
+        self.raw_model = model.to(device)
+        self.raw_model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        self.raw_model.train()
+        self.model = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer, self.fused = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
+                                                     (cfg.beta1, cfg.beta2), device)
+        self.scaler = precision.make_scaler()
+        self.sampler = BatchSampler(data.train_tokens, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+
+        self.step = 0                       # optimizer steps done (skipped ones included)
+        self.tokens_seen = 0                # training tokens consumed, all ranks
+        self.best_val_loss = math.inf
+        self.nonfinite_skipped = 0          # steps skipped in total
+        self.nonfinite_in_a_row = 0
+        self.micro_split = cfg.micro_batch_size   # rows per forward pass; halves on out-of-memory
+        if resume_state is not None:
+            self.load_state(resume_state)
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_state else None,
+                                     wandb=cfg.wandb, tensorboard=cfg.tensorboard,
+                                     config=cfg.to_dict()) if dist.is_main else None
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def training_state(self) -> dict:
+        """Everything besides the weights that an exact resume needs; plain types and tensors only.
+
+        Collective under DDP (every rank's sampler position and RNG state are gathered): call on all ranks.
+        """
+        from .checkpoint import capture_rng_state
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "micro_split": self.micro_split,
+            "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": dist_utils.all_gather_object(self.sampler.state_dict()),
+            "rng": dist_utils.all_gather_object(capture_rng_state()),
+        }
+
+    def load_state(self, state: dict) -> None:
+        from .checkpoint import restore_rng_state
+        if state["world_size"] != self.dist.world_size:
+            raise TrainingStopped(
+                f"the checkpoint was written by {state['world_size']} process(es) and this run has "
+                f"{self.dist.world_size}; resume with the same number (torchrun --nproc_per_node) so every "
+                f"rank continues its own data stream exactly")
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.best_val_loss = state["best_val_loss"]
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.micro_split = min(state["micro_split"], self.cfg.micro_batch_size)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"][self.dist.rank])
+        restore_rng_state(state["rng"][self.dist.rank])
+
+    # ---- one optimizer step ------------------------------------------------------------------------------------
+
+    def _forward_backward(self, batches) -> torch.Tensor:
+        """Accumulate gradients of the mean loss over `batches`; returns that loss (a 0-d tensor)."""
+        total_rows = sum(x.shape[0] for x, _ in batches)
+        pieces = [(x[i:i + self.micro_split], y[i:i + self.micro_split])
+                  for x, y in batches for i in range(0, x.shape[0], self.micro_split)]
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for j, (x, y) in enumerate(pieces):
+            x = x.to(self.device, non_blocking=True)                          # (rows, seq_len)
+            y = y.to(self.device, non_blocking=True)
+            last = j == len(pieces) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    _, loss = self.model(x, targets=y)
+                weight = x.shape[0] / total_rows     # rows carry equal token counts: exact mean over the step
+                self.scaler.scale(loss * weight).backward()
+            loss_sum += loss.detach().float() * weight
+        return loss_sum
+
+    def train_step(self, lr: float) -> tuple[float, float, bool]:
+        """One optimizer step at learning rate `lr`. Returns (loss, grad_norm, finite)."""
+        batches = [self.sampler.next_batch() for _ in range(self.cfg.grad_accum_steps)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        while True:
+            try:
+                loss = self._forward_backward(batches)
+                break
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro_split == 1:
+                    raise TrainingStopped(
+                        f"out of GPU memory at micro-batch 1 (seq_len {self.cfg.seq_len}); use a smaller "
+                        f"--seq_len or --model_size, --gradient_checkpointing, or a larger --vram card") from None
+                self.micro_split = max(1, self.micro_split // 2)
+                passes = self.cfg.grad_accum_steps * math.ceil(self.cfg.micro_batch_size / self.micro_split)
+                self.log(f"\nout of GPU memory at step {self.step + 1}: micro-batch halved to {self.micro_split}, "
+                         f"{passes} passes per step (same {self.cfg.tokens_per_step:,} tokens per step); "
+                         f"redoing the step")
+
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        stats = torch.stack([dist_utils.all_reduce_sum(loss.clone()) / self.dist.world_size,
+                             grad_norm.float()]).tolist()              # one device sync per step
+        loss_value, norm_value = stats
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if self.scaler.is_enabled():
+            if finite:
+                self.scaler.step(self.optimizer)    # still skips by itself if fp16 grads overflowed
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, finite
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks)."""
+        from utils.sampler import eval_batches
+        self.raw_model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss * tokens, tokens)
+        batches = eval_batches(self.data.val_tokens, self.cfg.seq_len, self.micro_split, self.cfg.eval_batches)
+        for i, (x, y) in enumerate(batches):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            with self.precision.autocast():
+                _, loss = self.raw_model(x.to(self.device), targets=y.to(self.device))
+            total[0] += loss.double() * y.numel()
+            total[1] += y.numel()
+        self.raw_model.train()
+        dist_utils.all_reduce_sum(total)
+        if total[1] == 0:
+            return math.nan
+        return (total[0] / total[1]).item()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def save(self, best: bool = False, write_step: bool = True, final: bool = False) -> None:
+        """Write a checkpoint (rank 0), after gathering every rank's state. A failed write is reported and
+        training goes on (the previous checkpoint is intact), except at the end of the run."""
+        state = self.training_state()
+        if self.dist.is_main:
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.step, self.raw_model, self.tokenizer, self.cfg.to_dict(),
+                                     state, keep_last=self.cfg.keep_last, best=best, write_step=write_step)
+            except OSError as err:
+                prev = ckpt.find_latest_checkpoint(self.run_dir, log=lambda m: None)
+                msg = (f"could not write the checkpoint of step {self.step} ({err}); the previous one "
+                       f"({prev if prev else 'none'}) is intact")
+                if final:
+                    raise TrainingStopped(msg) from None
+                self.log(f"\nwarning: {msg}; training goes on and tries again at the next checkpoint")
+        dist_utils.barrier()
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Train until max_steps (or stop_at_step). Returns a summary dict."""
+        cfg = self.cfg
+        end = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
+        tokens_per_step = cfg.tokens_per_step * self.dist.world_size
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and cfg.progress))
+        last_loss = math.nan
+        window_tokens, window_start = 0, time.perf_counter()
+        tokens_per_s = 0.0
+        try:
+            while self.step < end:
+                lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+                loss, grad_norm, finite = self.train_step(lr)
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                if finite:
+                    self.nonfinite_in_a_row = 0
+                    last_loss = loss
+                else:
+                    self.nonfinite_skipped += 1
+                    self.nonfinite_in_a_row += 1
+                    self.log(f"\nstep {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                             f"step skipped ({self.nonfinite_skipped} so far, {self.nonfinite_in_a_row} in a row)")
+                    if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                        raise TrainingStopped(
+                            f"{self.nonfinite_in_a_row} non-finite steps in a row (up to step {self.step}): the "
+                            f"run has diverged. The weights are those of the last finite step; the newest "
+                            f"checkpoint is in {self.run_dir}. Try --training careful, a lower --lr, or "
+                            f"--precision bf16/fp32.")
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                refresh=False)
+
+                if self.metrics is not None and (self.step % cfg.log_interval == 0 or self.step == end):
+                    self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                                      "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+                                      "skipped": not finite})
+                    window_tokens, window_start = 0, time.perf_counter()
+
+                new_best = False
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    val_loss = self.evaluate()
+                    new_best = val_loss < self.best_val_loss
+                    if new_best:
+                        self.best_val_loss = val_loss
+                    if self.metrics is not None:
+                        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                                          "val_ppl": math.exp(min(val_loss, 700)),
+                                          "best_val_loss": self.best_val_loss})
+                        self.metrics.plot()
+                    if self.dist.is_main and cfg.progress:
+                        bar.write(f"step {self.step}: val_loss {val_loss:.4f} "
+                                  f"(ppl {math.exp(min(val_loss, 700)):.1f}){' new best' if new_best else ''}")
+                save_step = self.step % cfg.checkpoint_interval == 0 or self.step == end
+                if save_step or new_best:
+                    self.save(best=new_best, write_step=save_step, final=self.step == end)
+                if save_step or new_best or self.step % cfg.eval_interval == 0:
+                    window_tokens, window_start = 0, time.perf_counter()   # tokens/s counts training only
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return {"step": self.step, "loss": last_loss, "best_val_loss": self.best_val_loss,
+                "nonfinite_skipped": self.nonfinite_skipped, "tokens_seen": self.tokens_seen}
