@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .selective_scan import triton_importable
+
 STATE_UPDATE_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -43,5 +45,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     "triton"."""
     if backend not in STATE_UPDATE_BACKENDS:
         raise ValueError(f"state-update backend {backend!r} is unknown; allowed: {', '.join(STATE_UPDATE_BACKENDS)}")
-    # The Triton single-token kernel arrives with the Triton scan; until then every backend runs the PyTorch step.
-    return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if backend == "auto":
+        backend = "triton" if state.device.type == "cuda" and triton_importable() else "torch"
+    if backend == "torch":
+        return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                            dt_softplus=dt_softplus)
+    if not triton_importable():
+        raise RuntimeError("state-update backend 'triton' needs Triton (pip install triton); use backend='torch'")
+    from .triton_state_update import selective_state_update_triton
+    return selective_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

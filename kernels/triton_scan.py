@@ -1,0 +1,386 @@
+"""The selective scan as fused Triton kernels, forward and backward (backend "triton").
+
+Same equations as kernels/reference.py (b: batch, d: d_inner, l: length, n: d_state):
+
+    delta_t = softplus(delta_t + delta_bias)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t          (d, n)
+    y_t     = (<h_t, C_t> + D * u_t) * silu(z_t)
+
+How the work is split. One program owns one batch element and a block of BLOCK_D channels, and keeps their
+(BLOCK_D, n) state in fp32 registers for the whole sequence. It walks the sequence in chunks of BLOCK_L steps: each
+chunk's u, delta, z (BLOCK_D, BLOCK_L) and B, C (n, BLOCK_L) are loaded as coalesced tiles, the chunk's transition
+pairs (exp(delta * A), delta * B * u) form a (BLOCK_D, n, BLOCK_L) register tile, and `tl.associative_scan` over
+time composes them, so the state of every step of the chunk exists only in registers. Softplus, the D skip and the
+z gate happen in the same pass; y is the only (b, d, l) tensor written.
+
+Backward. The forward (when a gradient is needed) also writes the state at the start of each chunk,
+(b, chunks, d, n) fp32: 1/BLOCK_L of the L*n states. The backward walks the chunks in reverse: it reloads the chunk's
+inputs and starting state, recomputes the chunk's states with the same scan, and runs the adjoint recurrence
+
+    g_t = dA_{t+1} * g_{t+1} + C_t * dy'_t          (dy' = dy * silu(z), the gradient of <h_t, C_t>)
+
+as a reverse associative scan. Its coefficient belongs to the *next* step, and register tiles cannot be shifted by
+one along time, so each element carries its own decay as a third component (see `_adjoint_combine`). Every
+gradient then comes from g_t and h_t at the same step (g_t * dA_t * h_{t-1} = g_t * (h_t - delta_t B_t u_t)).
+dB and dC are summed over the program's channels in registers and added across channel blocks with fp32 atomics
+into (b, n, l) buffers; dA, dD and d(delta_bias) are summed over the program's steps and added across batch
+elements the same way. No per-channel copy of B or C and no L*n tensor is ever written.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selective_scan import triton_interpreting
+
+LOG2E = 1.4426950408889634
+
+# Elements of one (BLOCK_D, n, BLOCK_L) register tile. The forward keeps about four such tiles live and the
+# backward about eight; with these sizes and the warps below nothing spills at d_state 16 on the H100.
+FWD_TILE = 4096
+BWD_TILE = 2048
+CHUNK_LEN = 16               # time steps per chunk (BLOCK_L); the backward restarts from every chunk's first state
+MAX_WARPS = 8
+ELEMENTS_PER_WARP = 512      # tile elements per warp: 16 per thread
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) with torch's threshold: above 20 the result is x to fp32 precision.
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # Step (a1, b1) then step (a2, b2): h -> a2 * (a1 * h + b1) + b2.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
+    # Reverse scan of g_t = q_t + dA_{t+1} * g_{t+1}. A segment [t, s] is (f, p, q) with
+    #   g_t = q + p * dA_{s+1} * g_{s+1},   f = dA_t (its first step's decay; used when a segment before it joins).
+    # The scan runs from the end of the chunk backwards, so the accumulated (later) segment comes first.
+    p = p_early * f_late
+    return f_early, p * p_late, q_early + p * q_late
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    y_ptr, last_ptr, chunk_ptr,
+    dim, seqlen, dstate, n_chunks,
+    s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_yb, s_yd,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    # Padded channels and states get A = 0 (decay 1) and B = C = 0, so their state stays 0 and adds nothing.
+    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E                                                                  # (BD, BN): exp(x A) = 2^(x A2)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_base = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
+    delta_base = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
+    z_base = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
+    y_base = y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd
+    B_base = B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn
+    C_base = C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn
+    state_offs = offs_d[:, None] * dstate + offs_n[None, :]
+
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    c = 0
+    while c < n_chunks:        # (a while loop: Triton's interpreter cannot range() over a run-time bound)
+        if SAVE_CHUNKS:
+            # The state before chunk c: (b, chunks, d, n), what the backward restarts from.
+            tl.store(chunk_ptr + (pid_b * n_chunks + c) * dim * dstate + state_offs, h, mask=mask_dn)
+        t = c * BLOCK_L + offs_l
+        mask_t = t < seqlen
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        u = tl.load(u_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)          # (BD, BL)
+        delta = tl.load(delta_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)  # (BD, BL)
+        B = tl.load(B_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
+        C = tl.load(C_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
+        if HAS_BIAS:
+            delta += bias[:, None]
+        if SOFTPLUS:
+            delta = _softplus(delta)
+        delta = tl.where(mask_dt, delta, 0.0)          # steps past the end: decay 1, input 0, the state holds
+
+        dA = tl.exp2(delta[:, None, :] * A2[:, :, None])                          # (BD, BN, BL)
+        x = (delta * u)[:, None, :] * B[None, :, :]                               # (BD, BN, BL)
+        a_cum, x_cum = tl.associative_scan((dA, x), 2, _affine_combine)
+        hs = a_cum * h[:, :, None] + x_cum                                        # (BD, BN, BL) h_t in the chunk
+        y = tl.sum(hs * C[None, :, :], axis=1)                                    # (BD, BL)
+        h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)   # (BD, BN) last step
+
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zv = tl.load(z_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(y_base + t[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_dt)
+        c += 1
+
+    tl.store(last_ptr + pid_b * dim * dstate + state_offs, h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, chunk_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, seqlen, dstate, n_chunks,
+    s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_dyb, s_dyd,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    # Inputs and the (b, d, l) gradients share one contiguous layout (the launcher makes it so).
+    u_base = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
+    delta_base = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
+    z_base = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
+    dy_base = dy_ptr + pid_b * s_dyb + offs_d[:, None] * s_dyd
+    B_base = B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn
+    C_base = C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn
+    grad_dl = pid_b * dim * seqlen + offs_d[:, None] * seqlen                      # du, ddelta, dz: (b, d, l)
+    grad_nl = pid_b * dstate * seqlen + offs_n[:, None] * seqlen                   # dB, dC: (b, n, l) fp32
+    state_offs = offs_d[:, None] * dstate + offs_n[None, :]
+
+    # carry = dA_{s+1} * g_{s+1} for the step s just before the chunk being processed: the gradient reaching the
+    # chunk's last state from later steps. At the end of the sequence it is the last state's own gradient.
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + pid_b * dim * dstate + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    c = n_chunks - 1
+    while c >= 0:
+        t = c * BLOCK_L + offs_l
+        mask_t = t < seqlen
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        h0 = tl.load(chunk_ptr + (pid_b * n_chunks + c) * dim * dstate + state_offs, mask=mask_dn, other=0.0)
+        u = tl.load(u_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)          # (BD, BL)
+        delta_raw = tl.load(delta_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        B = tl.load(B_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
+        C = tl.load(C_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            delta_raw += bias[:, None]
+        if SOFTPLUS:
+            delta = _softplus(delta_raw)
+        else:
+            delta = delta_raw
+        delta = tl.where(mask_dt, delta, 0.0)
+
+        # The chunk's states again, exactly as the forward made them.
+        dA = tl.exp2(delta[:, None, :] * A2[:, :, None])                          # (BD, BN, BL)
+        du_t = delta * u                                                          # (BD, BL)
+        x = du_t[:, None, :] * B[None, :, :]
+        a_cum, x_cum = tl.associative_scan((dA, x), 2, _affine_combine)
+        hs = a_cum * h0[:, :, None] + x_cum                                       # (BD, BN, BL)
+
+        # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
+        if HAS_Z:
+            zv = tl.load(z_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            y_pre = tl.sum(hs * C[None, :, :], axis=1)
+            if HAS_D:
+                y_pre += Dv[:, None] * u
+            sig = tl.sigmoid(zv)
+            dz = dy * y_pre * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + grad_dl + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+            dy = dy * zv * sig
+        dy = tl.where(mask_dt, dy, 0.0)                                           # dy' (BD, BL)
+
+        # Adjoint states g_t = dL/dh_t, from the chunk's end backwards.
+        q = C[None, :, :] * dy[:, None, :]                                        # (BD, BN, BL)
+        _, p_cum, q_cum = tl.associative_scan((dA, tl.full(q.shape, 1.0, tl.float32), q), 2, _adjoint_combine,
+                                              reverse=True)
+        g = q_cum + p_cum * carry[:, :, None]                                     # (BD, BN, BL)
+        carry = tl.sum(tl.where(offs_l[None, None, :] == 0, dA * g, 0.0), axis=2)
+
+        # Per-step gradients. g * (h_t - x_t) = g_t * dA_t * h_{t-1}: the part that flows through the decay.
+        gh = g * (hs - x)                                                         # (BD, BN, BL)
+        gB = tl.sum(g * B[None, :, :], axis=1)                                    # (BD, BL)
+        ddelta = gB * u + tl.sum(gh * A[:, :, None], axis=1)
+        du = gB * delta
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            ddelta *= tl.sigmoid(delta_raw)
+        ddelta = tl.where(mask_dt, ddelta, 0.0)
+        dbias_acc += tl.sum(ddelta, axis=1)
+        dA_acc += tl.sum(gh * delta[:, None, :], axis=2)
+        tl.store(du_ptr + grad_dl + t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask_dt)
+        tl.store(ddelta_ptr + grad_dl + t[None, :], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
+
+        # dB, dC: summed over this program's channels here, over channel blocks by the atomics.
+        dB = tl.sum(g * du_t[:, None, :], axis=0)                                 # (BN, BL)
+        dC = tl.sum(hs * dy[:, None, :], axis=0)                                  # (BN, BL)
+        tl.atomic_add(dB_ptr + grad_nl + t[None, :], dB, mask=mask_nt)
+        tl.atomic_add(dC_ptr + grad_nl + t[None, :], dC, mask=mask_nt)
+        c -= 1
+
+    tl.atomic_add(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+
+
+def _blocks(dim: int, dstate: int, seqlen: int, tile: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_L): n padded to a power of two, the chunk length, and as many channels as fit."""
+    block_n = triton.next_power_of_2(dstate)
+    block_l = min(CHUNK_LEN, triton.next_power_of_2(max(seqlen, 1)))
+    block_d = max(1, min(triton.next_power_of_2(dim), tile // (block_n * block_l)))
+    return block_d, block_n, block_l
+
+
+def _num_warps(block_d: int, block_n: int, block_l: int) -> int:
+    return max(1, min(MAX_WARPS, block_d * block_n * block_l // ELEMENTS_PER_WARP))
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_chunks):
+    """Launch the forward. Returns y (b, d, l) in u's dtype, the last state (b, d, n) fp32 and the chunk-start
+    states (b, chunks, d, n) fp32 (None unless save_chunks)."""
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    block_d, block_n, block_l = _blocks(dim, dstate, seqlen, FWD_TILE)
+    n_chunks = triton.cdiv(seqlen, block_l)
+    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
+    chunks = (torch.empty(batch, n_chunks, dim, dstate, device=u.device, dtype=torch.float32)
+              if save_chunks else last)
+    zz = z if z is not None else u
+    grid = (batch, triton.cdiv(dim, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        y, last, chunks,
+        dim, seqlen, dstate, triton.cdiv(seqlen, block_l),
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        SAVE_CHUNKS=save_chunks, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        num_warps=_num_warps(block_d, block_n, block_l),
+    )
+    return y, last, (chunks if save_chunks else None), block_l
+
+
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunks, chunk_len, dy, dlast):
+    """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent."""
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    block_d, block_n, _ = _blocks(dim, dstate, seqlen, BWD_TILE)
+    block_l = chunk_len                      # the backward restarts from the forward's chunk boundaries
+    block_d = max(1, min(block_d, BWD_TILE // (block_n * block_l)))
+    dy = dy.contiguous()
+    du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA = torch.zeros(dim, dstate, **f32)
+    dB = torch.zeros(batch, dstate, seqlen, **f32)
+    dC = torch.zeros(batch, dstate, seqlen, **f32)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    zz = z if z is not None else u
+    grid = (batch, triton.cdiv(dim, block_d))
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, chunks,
+        dlast if dlast is not None else A,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC, dD if dD is not None else dA,
+        dbias if dbias is not None else dA,
+        dim, seqlen, dstate, triton.cdiv(seqlen, block_l),
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_DLAST=dlast is not None, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        num_warps=_num_warps(block_d, block_n, block_l),
+    )
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else None, dz,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    """y (and the last state) from the forward kernel; every input's gradient from the backward kernel."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+        y, last, chunks, chunk_len = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                               save_chunks=any(ctx.needs_input_grad))
+        ctx.delta_softplus = delta_softplus
+        ctx.chunk_len = chunk_len
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunks)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunks, ctx.chunk_len, dy,
+                          dlast.contiguous() if dlast is not None else None)
+        return (*grads, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """Fused Triton selective scan; the signature and semantics of kernels/reference.py's selective_scan_ref.
+
+    Args:
+        u, delta: (b, d, l) fp32, bf16 or fp16 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+        A: (d, n) fp32;  B, C: (b, n, l);  D, delta_bias: (d,) or None;  z: (b, d, l) or None
+    Returns:
+        y: (b, d, l) in u's dtype; with return_last_state also the last state (b, d, n) fp32
+    """
+    if u.device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(f"the Triton scan needs CUDA tensors (got {u.device.type}); set TRITON_INTERPRET=1 to "
+                           "run it on the CPU, or use backend='chunked'")
+    if A.shape[1] > 256:
+        raise ValueError(f"the Triton scan supports d_state 1 to 256, got {A.shape[1]}; use backend='chunked'")
+    batch, dim, seqlen = u.shape
+    if batch == 0 or dim == 0 or seqlen == 0:           # nothing to scan: no kernel launch on an empty grid
+        y = u.new_zeros(u.shape)
+        last = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
+        return (y, last) if return_last_state else y
+    y, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (y, last) if return_last_state else y
