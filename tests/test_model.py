@@ -323,13 +323,20 @@ def test_blocks_are_usable_alone():
     assert block(h, scan_backend="ref").shape == (2, 5, 24)
 
 
-def test_bf16_weights_forward_and_step_run():
-    model = make_model().to(torch.bfloat16)
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_bf16_weights_and_the_residual_stream_dtype(residual_in_fp32):
+    model = make_model(residual_in_fp32=residual_in_fp32).to(torch.bfloat16)
     x = torch.randint(0, 53, (2, 6))
     with torch.no_grad():
         full, _ = model(x)
         out = model.generate(x, 3, temperature=0)
-    assert torch.isfinite(full.float()).all() and out.shape == (2, 9)
+        h = model.backbone.embeddings(x)
+        block = model.backbone.layers[0]
+        residual_dtype = torch.float32 if residual_in_fp32 else torch.bfloat16
+        assert block(h, scan_backend="ref").dtype == residual_dtype
+        cache = model.init_cache(2)
+        assert block.step(h[:, 0], cache.conv_states[0], cache.ssm_states[0]).dtype == residual_dtype
+    assert full.dtype == torch.bfloat16 and torch.isfinite(full.float()).all() and out.shape == (2, 9)
 
 
 # ---- presets --------------------------------------------------------------------------------------------------------
