@@ -77,10 +77,16 @@ def summary(records: list[dict], totals: dict, seq_len: int, manifest: dict | No
             add(f"  {r['path']}: {r['note']}")
         if len(notes) > 50:
             add(f"  ... and {len(notes) - 50} more (see --stats_json)")
-    skipped = [r for r in records if r["status"] == "skipped"]
+    folders = [r for r in records if r["status"] == "skipped" and r["type"] == "directory"]
+    if folders:
+        names = Counter(r["path"].rstrip("/").rsplit("/", 1)[-1] + "/" for r in folders).most_common()
+        add("")
+        add(f"Skipped folders ({len(folders)}): " + ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names[:20])
+            + (" ..." if len(names) > 20 else ""))
+    skipped = [r for r in records if r["status"] == "skipped" and r["type"] != "directory"]
     if skipped:
         add("")
-        add(f"Skipped ({len(skipped)})")
+        add(f"Skipped files ({len(skipped)})")
         for r in skipped:
             add(f"  {r['path']}: {r['reason']}")
     return "\n".join(lines)
