@@ -63,6 +63,7 @@ def _check_shape(expected, found, source: str, cfg: TrainConfig) -> None:
     """Refuse to load weights of another model shape (a clear message instead of a size-mismatch traceback)."""
     keys = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "tie_embeddings")
     a, b = expected.to_dict(), found.to_dict()
+    a["dt_rank"], b["dt_rank"] = expected.resolved_dt_rank, found.resolved_dt_rank
     diffs = [f"{k} {b[k]} (this run: {a[k]})" for k in keys if a.get(k) != b.get(k)]
     if diffs:
         raise ConfigError(f"{source} is a model of another shape: {', '.join(diffs)}. This run asks for "
@@ -98,6 +99,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     if overrides.get("resume") or (config_file and "resume" in _peek(config_file)):
         resume_from = _find_resume_checkpoint(overrides, config_file)
         base = ckpt.load_train_config(resume_from)
+        base.update(stop_at_step=None, resume=None)    # settings of the earlier session, not of the run
     req = dict(base or {})
     req.update(_peek(config_file) if config_file else {})
     req.update(overrides)
@@ -201,7 +203,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})",
         f"data         {len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens",
         f"batch        {cfg.micro_batch_size} x {cfg.seq_len} tokens x {cfg.grad_accum_steps} accumulation"
-        f"{f' x {world} GPUs' if world > 1 else ''} = {cfg.tokens_per_step * world:,} tokens per optimizer step",
+        f"{f' x {world} processes' if world > 1 else ''} = {cfg.tokens_per_step * world:,} tokens per optimizer step",
         f"device       {device} ({'DDP ' + str(world) + ' processes, ' if world > 1 else ''}"
         f"precision {precision.name}, scan backend {backend}, "
         f"{'gradient checkpointing, ' if cfg.gradient_checkpointing else ''}"

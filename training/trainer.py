@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import DistInfo
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
@@ -107,7 +107,7 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         from .checkpoint import restore_rng_state
         if state["world_size"] != self.dist.world_size:
-            raise TrainingStopped(
+            raise ConfigError(
                 f"the checkpoint was written by {state['world_size']} process(es) and this run has "
                 f"{self.dist.world_size}; resume with the same number (torchrun --nproc_per_node) so every "
                 f"rank continues its own data stream exactly")
