@@ -252,21 +252,22 @@ class Trainer:
                     self.nonfinite_in_a_row += 1
                     self.log(f"\nstep {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                              f"step skipped ({self.nonfinite_skipped} so far, {self.nonfinite_in_a_row} in a row)")
-                    if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        raise TrainingStopped(
-                            f"{self.nonfinite_in_a_row} non-finite steps in a row (up to step {self.step}): the "
-                            f"run has diverged. The weights are those of the last finite step; the newest "
-                            f"checkpoint is in {self.run_dir}. Try --training careful, a lower --lr, or "
-                            f"--precision bf16/fp32.")
-                bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                                 refresh=False)
+                bar.update(1)
 
-                if self.metrics is not None and (self.step % cfg.log_interval == 0 or self.step == end):
+                stop = self.nonfinite_in_a_row >= cfg.max_nonfinite_steps
+                if self.metrics is not None and (self.step % cfg.log_interval == 0 or self.step == end or stop):
                     self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
                                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
                                       "skipped": not finite})
                     window_tokens, window_start = 0, time.perf_counter()
+                if stop:
+                    raise TrainingStopped(
+                        f"{self.nonfinite_in_a_row} non-finite steps in a row (up to step {self.step}): the "
+                        f"run has diverged. The weights are those of the last finite step; the newest "
+                        f"checkpoint is in {self.run_dir}. Try --training careful, a lower --lr, or "
+                        f"--precision bf16/fp32.")
 
                 new_best = False
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
