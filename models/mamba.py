@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import resolve_backend, selective_scan, selective_state_update
 
 from .config import MambaConfig
+from .sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
@@ -333,14 +334,16 @@ class MambaLanguageModel(nn.Module):
         Returns:
             (b, l + new) prompt followed by the new tokens (new <= max_new_tokens)
         """
-        self._check_sampling_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        self._check_generate_args(input_ids, max_new_tokens)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)   # checks the values
         cache = self.init_cache(input_ids.shape[0], device=input_ids.device)
         hidden = self._hidden_states(input_ids, attention_mask, cache)
         logits = self.lm_head(hidden[:, -1])                                   # (b, v)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = [input_ids]
         for i in range(max_new_tokens):
-            next_ids = self._sample(logits, temperature, top_k, top_p, generator)   # (b,)
+            # (b,) never one of the padding rows beyond vocab_size
+            next_ids = sample(logits, params, vocab_size=self.config.vocab_size, generator=generator)
             if eos_token_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
                 finished |= next_ids == eos_token_id
@@ -350,35 +353,12 @@ class MambaLanguageModel(nn.Module):
             logits = self.step(next_ids, cache)
         return torch.cat(tokens, dim=1)
 
-    def _sample(self, logits, temperature, top_k, top_p, generator):
-        """(b, v) logits -> (b,) token ids, never one of the padding rows beyond vocab_size."""
-        logits = logits[:, :self.config.vocab_size].float()
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]            # (b, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the more likely ones already reach top_p (the most likely always stays)
-            drop = probs.cumsum(dim=-1) - probs >= top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-    def _check_sampling_args(self, input_ids, max_new_tokens, temperature, top_k, top_p):
+    @staticmethod
+    def _check_generate_args(input_ids, max_new_tokens):
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, length >= 1), got shape {tuple(input_ids.shape)}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0 or math.isinf(temperature):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
