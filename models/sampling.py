@@ -26,10 +26,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None for all tokens), got {k!r}")
+            raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None for all tokens), got {p!r}")
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
         r = self.repetition_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or math.isinf(r):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
