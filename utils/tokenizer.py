@@ -33,6 +33,9 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, eot_token: str = EOT_TOKEN, source: str = "bpe:trained"):
         if backend.token_to_id(eot_token) is None:
             backend.add_special_tokens([eot_token])
+        # Special-token strings inside a document are encoded as plain text: a file that mentions
+        # "<|endoftext|>" must not create a document boundary. Only we append eot_id, between documents.
+        backend.encode_special_tokens = True
         self.backend, self.eot_token, self.source = backend, eot_token, source
         self.eot_id: int = backend.token_to_id(eot_token)
 
