@@ -170,6 +170,7 @@ def file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------- decoding
 
 CONTROL_BYTES = bytes([*range(0, 8), 11, *range(14, 27), *range(28, 32)])  # not \t \n \f \r ESC
+CONTROL_CHARS = dict.fromkeys([*CONTROL_BYTES, *range(0x7F, 0xA0)])         # str.translate table deleting them
 
 
 def sniff(head: bytes) -> str:
@@ -246,6 +247,10 @@ def decode_file(path: Path, info: dict) -> Iterator[str]:
             break
     if bad > MAX_BAD_FRACTION * chars:
         raise Skip(f"undecodable ({bad} of {chars} characters invalid as {enc})")
+    # Binary data can pass as BOM-less UTF-16 or cp1252; decoded text has (almost) no control characters.
+    sample = text[:SNIFF_BYTES] if small else head[:SNIFF_BYTES].decode(enc, errors="replace")
+    if len(sample) - len(sample.translate(CONTROL_CHARS)) > 0.1 * len(sample):
+        raise Skip(f"binary (control characters when decoded as {enc})")
     info["encoding"], info["replacements"] = enc, bad
     if small:
         return iter((text,))

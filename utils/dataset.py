@@ -145,8 +145,6 @@ class HFSource:
                 yield rec, split_pieces((text,)), 1
         empty = counters.get("empty_rows", 0)
         rec.note = self.description + (f"; {empty} empty or non-text rows skipped" if empty else "")
-        if rec.documents == 0:
-            rec.skip("empty (no non-empty text rows)")
 
 
 # --------------------------------------------------------------------------------------------------- encoding
@@ -430,6 +428,9 @@ def _prepare(source, out_dir: Path, identity: dict, tokenizer, vocab_size: int, 
             pbar.update(step)
         encoder.flush()
     writer.close()
+    for rec in records:
+        if rec.status == "loaded" and rec.documents == 0:   # a dataset whose rows were all empty
+            rec.skip("empty (no non-empty text rows)")
     n_tokens = writer.n_tokens
     if n_tokens == 0:
         shutil.rmtree(tmp, ignore_errors=True)
