@@ -52,7 +52,7 @@ def test_cli_prepares_and_reports(small_corpus, tmp_path):
     assert t["train_sequences"] == (t["train_tokens"] - 1) // 32 and t["seq_len"] == 32
     assert t["by_type"]["markdown"]["loaded"] == 1
     # Second run: reused.
-    r2 = run("--data_dir", small_corpus, "--vocab_size", 300, "--cache_dir", tmp_path / "cache")
+    r2 = run("--data_dir", small_corpus, "--vocab_size", 300, "--cache_dir", tmp_path / "cache", "--val_fraction", 0.1)
     assert r2.returncode == 0 and "Reusing prepared data" in r2.stdout
 
 
