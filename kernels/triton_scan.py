@@ -6,16 +6,20 @@ Same equations as kernels/reference.py (b: batch, d: d_inner, l: length, n: d_st
     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t          (d, n)
     y_t     = (<h_t, C_t> + D * u_t) * silu(z_t)
 
-How the work is split. One program owns one batch element and a block of BLOCK_D channels, and keeps their
-(BLOCK_D, n) state in fp32 registers for the whole sequence. It walks the sequence in chunks of BLOCK_L steps: each
-chunk's u, delta, z (BLOCK_D, BLOCK_L) and B, C (n, BLOCK_L) are loaded as coalesced tiles, the chunk's transition
-pairs (exp(delta * A), delta * B * u) form a (BLOCK_D, n, BLOCK_L) register tile, and `tl.associative_scan` over
-time composes them, so the state of every step of the chunk exists only in registers. Softplus, the D skip and the
-z gate happen in the same pass; y is the only (b, d, l) tensor written.
+How the work is split. One program owns one batch element and a block of BLOCK_D channels (one warp), and keeps
+their (n, BLOCK_D) state in fp32 registers for the whole sequence. It walks the sequence in chunks of BLOCK_L steps:
+each chunk's u, delta, z (BLOCK_L, BLOCK_D) and B, C (BLOCK_L, n) tiles are loaded, the chunk's transition pairs
+(exp(delta * A), delta * B * u) form a (BLOCK_L, n, BLOCK_D) register tile, and `tl.associative_scan` over time
+composes them. The tile is laid out with channels across lanes and (time, n) inside each thread, so the scan over
+time and the sum over n for y never leave the thread (with large n a channel spreads over a few lanes). The state of
+every step exists only in registers. Softplus, the D skip and the z gate happen in the same pass; y is the only
+(b, d, l) tensor written.
 
-Backward. The forward (when a gradient is needed) also writes the state at the start of each chunk,
-(b, chunks, d, n) fp32: 1/BLOCK_L of the L*n states. The backward walks the chunks in reverse: it reloads the chunk's
-inputs and starting state, recomputes the chunk's states with the same scan, and runs the adjoint recurrence
+Backward. The forward (when a gradient is needed) also writes the state at the start of every segment of
+SEG_CHUNKS chunks, (b, segments, d, n) fp32. The backward walks the segments in reverse. For each it first runs the
+forward through the segment from that state, keeping each chunk's first state in a small per-program scratch buffer
+(it stays in L2); then it walks the segment's chunks in reverse: recomputes the chunk's states with the same scan and
+runs the adjoint recurrence
 
     g_t = dA_{t+1} * g_{t+1} + C_t * dy'_t          (dy' = dy * silu(z), the gradient of <h_t, C_t>)
 
@@ -34,15 +38,12 @@ import triton.language as tl
 
 from .selective_scan import triton_interpreting
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = 2^(x log2 e): exp2 is one instruction
 
-# Elements of one (BLOCK_D, n, BLOCK_L) register tile. The forward keeps about four such tiles live and the
-# backward about eight; with these sizes and the warps below nothing spills at d_state 16 on the H100.
-FWD_TILE = 4096
-BWD_TILE = 2048
-CHUNK_LEN = 16               # time steps per chunk (BLOCK_L); the backward restarts from every chunk's first state
-MAX_WARPS = 8
-ELEMENTS_PER_WARP = 512      # tile elements per warp: 16 per thread
+CHUNK_LEN = 4                # time steps per chunk (BLOCK_L): one scan over a (BLOCK_L, n, BLOCK_D) register tile
+SEG_CHUNKS = 16              # chunks per segment: the forward saves the state every SEG_CHUNKS * BLOCK_L steps
+PER_THREAD = 64              # (chunk, n) elements one thread holds per tile; larger n spreads a channel over lanes
+WARPS = 1                    # warps per program when a channel fits one thread
 
 
 @triton.jit
@@ -69,11 +70,12 @@ def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    y_ptr, last_ptr, chunk_ptr,
-    dim, seqlen, dstate, n_chunks,
+    y_ptr, last_ptr, seg_ptr,
+    dim, seqlen, dstate, n_chunks, n_segs,
     s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_yb, s_yd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    SAVE_SEGS: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -82,70 +84,72 @@ def _scan_fwd_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
     mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
 
     # Padded channels and states get A = 0 (decay 1) and B = C = 0, so their state stays 0 and adds nothing.
-    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * LOG2E                                                                  # (BD, BN): exp(x A) = 2^(x A2)
+    A = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A * LOG2E                                                                  # (BN, BD)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
-    delta_base = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
-    z_base = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
-    y_base = y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd
-    B_base = B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn
-    C_base = C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn
-    state_offs = offs_d[:, None] * dstate + offs_n[None, :]
+    u_base = u_ptr + pid_b * s_ub + offs_d[None, :] * s_ud
+    delta_base = delta_ptr + pid_b * s_db + offs_d[None, :] * s_dd
+    z_base = z_ptr + pid_b * s_zb + offs_d[None, :] * s_zd
+    y_base = y_ptr + pid_b * s_yb + offs_d[None, :] * s_yd
+    B_base = B_ptr + pid_b * s_Bb + offs_n[None, :] * s_Bn
+    C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
+    state_offs = offs_n[:, None] + offs_d[None, :] * dstate                         # into (.., d, n) states
 
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c = 0
     while c < n_chunks:        # (a while loop: Triton's interpreter cannot range() over a run-time bound)
-        if SAVE_CHUNKS:
-            # The state before chunk c: (b, chunks, d, n), what the backward restarts from.
-            tl.store(chunk_ptr + (pid_b * n_chunks + c) * dim * dstate + state_offs, h, mask=mask_dn)
+        if SAVE_SEGS:
+            if c % SEG_CHUNKS == 0:
+                # The state before this segment: (b, segments, d, n), where the backward restarts.
+                tl.store(seg_ptr + (pid_b * n_segs + c // SEG_CHUNKS) * dim * dstate + state_offs, h, mask=mask_nd)
         t = c * BLOCK_L + offs_l
         mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)          # (BD, BL)
-        delta = tl.load(delta_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)  # (BD, BL)
-        B = tl.load(B_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
-        C = tl.load(C_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)          # (BL, BD)
+        delta = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)  # (BL, BD)
+        B = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)          # (BL, BN)
+        C = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)          # (BL, BN)
         if HAS_BIAS:
-            delta += bias[:, None]
+            delta += bias[None, :]
         if SOFTPLUS:
             delta = _softplus(delta)
-        delta = tl.where(mask_dt, delta, 0.0)          # steps past the end: decay 1, input 0, the state holds
+        delta = tl.where(mask_td, delta, 0.0)          # steps past the end: decay 1, input 0, the state holds
 
-        dA = tl.exp2(delta[:, None, :] * A2[:, :, None])                          # (BD, BN, BL)
-        x = (delta * u)[:, None, :] * B[None, :, :]                               # (BD, BN, BL)
-        a_cum, x_cum = tl.associative_scan((dA, x), 2, _affine_combine)
-        hs = a_cum * h[:, :, None] + x_cum                                        # (BD, BN, BL) h_t in the chunk
-        y = tl.sum(hs * C[None, :, :], axis=1)                                    # (BD, BL)
-        h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)   # (BD, BN) last step
+        dA = tl.exp2(delta[:, None, :] * A2[None, :, :])                          # (BL, BN, BD)
+        x = B[:, :, None] * (delta * u)[:, None, :]                               # (BL, BN, BD)
+        a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
+        hs = a_cum * h[None, :, :] + x_cum                                        # (BL, BN, BD) h_t in the chunk
+        y = tl.sum(hs * C[:, :, None], axis=1)                                    # (BL, BD)
+        h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)   # (BN, BD) last step
 
         if HAS_D:
-            y += Dv[:, None] * u
+            y += Dv[None, :] * u
         if HAS_Z:
-            zv = tl.load(z_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            zv = tl.load(z_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
-        tl.store(y_base + t[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_dt)
+        tl.store(y_base + t[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_td)
         c += 1
 
-    tl.store(last_ptr + pid_b * dim * dstate + state_offs, h, mask=mask_dn)
+    tl.store(last_ptr + pid_b * dim * dstate + state_offs, h, mask=mask_nd)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, chunk_ptr, dlast_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, seg_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, seqlen, dstate, n_chunks,
+    dim, seqlen, dstate, n_chunks, n_segs,
     s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_dyb, s_dyd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -154,160 +158,188 @@ def _scan_bwd_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
     mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * LOG2E
+    A = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A * LOG2E                                                                  # (BN, BD)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    # Inputs and the (b, d, l) gradients share one contiguous layout (the launcher makes it so).
-    u_base = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
-    delta_base = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
-    z_base = z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd
-    dy_base = dy_ptr + pid_b * s_dyb + offs_d[:, None] * s_dyd
-    B_base = B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn
-    C_base = C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn
-    grad_dl = pid_b * dim * seqlen + offs_d[:, None] * seqlen                      # du, ddelta, dz: (b, d, l)
-    grad_nl = pid_b * dstate * seqlen + offs_n[:, None] * seqlen                   # dB, dC: (b, n, l) fp32
-    state_offs = offs_d[:, None] * dstate + offs_n[None, :]
+    u_base = u_ptr + pid_b * s_ub + offs_d[None, :] * s_ud
+    delta_base = delta_ptr + pid_b * s_db + offs_d[None, :] * s_dd
+    z_base = z_ptr + pid_b * s_zb + offs_d[None, :] * s_zd
+    dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
+    B_base = B_ptr + pid_b * s_Bb + offs_n[None, :] * s_Bn
+    C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
+    grad_td = pid_b * dim * seqlen + offs_d[None, :] * seqlen                      # du, ddelta, dz: (b, d, l)
+    grad_tn = pid_b * dstate * seqlen + offs_n[None, :] * seqlen                   # dB, dC: (b, n, l) fp32
+    state_offs = offs_n[:, None] + offs_d[None, :] * dstate
+    # This program's scratch: the state before each chunk of the segment being processed (L2-resident).
+    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_d) * SEG_CHUNKS * BLOCK_N * BLOCK_D \
+        + offs_n[:, None] * BLOCK_D + offs_d[None, :] - pid_d * BLOCK_D
 
     # carry = dA_{s+1} * g_{s+1} for the step s just before the chunk being processed: the gradient reaching the
     # chunk's last state from later steps. At the end of the sequence it is the last state's own gradient.
     if HAS_DLAST:
-        carry = tl.load(dlast_ptr + pid_b * dim * dstate + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+        carry = tl.load(dlast_ptr + pid_b * dim * dstate + state_offs, mask=mask_nd, other=0.0).to(tl.float32)
     else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    c = n_chunks - 1
-    while c >= 0:
-        t = c * BLOCK_L + offs_l
-        mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        h0 = tl.load(chunk_ptr + (pid_b * n_chunks + c) * dim * dstate + state_offs, mask=mask_dn, other=0.0)
-        u = tl.load(u_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)          # (BD, BL)
-        delta_raw = tl.load(delta_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
-        B = tl.load(B_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)          # (BN, BL)
-        C = tl.load(C_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            delta_raw += bias[:, None]
-        if SOFTPLUS:
-            delta = _softplus(delta_raw)
-        else:
-            delta = delta_raw
-        delta = tl.where(mask_dt, delta, 0.0)
+    seg = n_segs - 1
+    while seg >= 0:
+        # 1. Forward through the segment from its saved first state, keeping each chunk's first state.
+        c_first = seg * SEG_CHUNKS
+        c_end = tl.minimum(c_first + SEG_CHUNKS, n_chunks)
+        h = tl.load(seg_ptr + (pid_b * n_segs + seg) * dim * dstate + state_offs, mask=mask_nd, other=0.0)
+        c = c_first
+        while c < c_end:
+            tl.store(scratch + (c - c_first) * BLOCK_N * BLOCK_D, h)
+            t = c * BLOCK_L + offs_l
+            mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+            u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
+            delta = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
+            B = tl.load(B_base + t[:, None], mask=(t < seqlen)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                delta += bias[None, :]
+            if SOFTPLUS:
+                delta = _softplus(delta)
+            delta = tl.where(mask_td, delta, 0.0)
+            dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
+            x = B[:, :, None] * (delta * u)[:, None, :]
+            a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
+            h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, a_cum * h[None, :, :] + x_cum, 0.0), axis=0)
+            c += 1
+        tl.debug_barrier()
 
-        # The chunk's states again, exactly as the forward made them.
-        dA = tl.exp2(delta[:, None, :] * A2[:, :, None])                          # (BD, BN, BL)
-        du_t = delta * u                                                          # (BD, BL)
-        x = du_t[:, None, :] * B[None, :, :]
-        a_cum, x_cum = tl.associative_scan((dA, x), 2, _affine_combine)
-        hs = a_cum * h0[:, :, None] + x_cum                                       # (BD, BN, BL)
+        # 2. Backward through the segment's chunks, last first.
+        c = c_end - 1
+        while c >= c_first:
+            t = c * BLOCK_L + offs_l
+            mask_t = t < seqlen
+            mask_td = mask_t[:, None] & mask_d[None, :]
+            mask_tn = mask_t[:, None] & mask_n[None, :]
+            h0 = tl.load(scratch + (c - c_first) * BLOCK_N * BLOCK_D)                    # (BN, BD)
+            u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)      # (BL, BD)
+            delta_raw = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
+            dy = tl.load(dy_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
+            B = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)      # (BL, BN)
+            C = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                delta_raw += bias[None, :]
+            if SOFTPLUS:
+                delta = _softplus(delta_raw)
+            else:
+                delta = delta_raw
+            delta = tl.where(mask_td, delta, 0.0)
 
-        # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
-        if HAS_Z:
-            zv = tl.load(z_base + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
-            y_pre = tl.sum(hs * C[None, :, :], axis=1)
+            # The chunk's states again, exactly as the forward made them.
+            dA = tl.exp2(delta[:, None, :] * A2[None, :, :])                      # (BL, BN, BD)
+            du_t = delta * u                                                      # (BL, BD)
+            x = B[:, :, None] * du_t[:, None, :]
+            a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
+            hs = a_cum * h0[None, :, :] + x_cum                                   # (BL, BN, BD)
+
+            # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
+            if HAS_Z:
+                zv = tl.load(z_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
+                y_pre = tl.sum(hs * C[:, :, None], axis=1)
+                if HAS_D:
+                    y_pre += Dv[None, :] * u
+                sig = tl.sigmoid(zv)
+                dz = dy * y_pre * sig * (1.0 + zv * (1.0 - sig))
+                tl.store(dz_ptr + grad_td + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+                dy = dy * zv * sig
+            dy = tl.where(mask_td, dy, 0.0)                                       # dy' (BL, BD)
+
+            # Adjoint states g_t = dL/dh_t, from the chunk's end backwards.
+            q = C[:, :, None] * dy[:, None, :]                                    # (BL, BN, BD)
+            _, p_cum, q_cum = tl.associative_scan((dA, tl.full(q.shape, 1.0, tl.float32), q), 0, _adjoint_combine,
+                                                  reverse=True)
+            g = q_cum + p_cum * carry[None, :, :]                                 # (BL, BN, BD)
+            carry = tl.sum(tl.where(offs_l[:, None, None] == 0, dA * g, 0.0), axis=0)
+
+            # Per-step gradients. g * (h_t - x_t) = g_t * dA_t * h_{t-1}: the part that flows through the decay.
+            gh = g * (hs - x)                                                     # (BL, BN, BD)
+            gB = tl.sum(g * B[:, :, None], axis=1)                                # (BL, BD)
+            ddelta = gB * u + tl.sum(gh * A[None, :, :], axis=1)
+            du = gB * delta
             if HAS_D:
-                y_pre += Dv[:, None] * u
-            sig = tl.sigmoid(zv)
-            dz = dy * y_pre * sig * (1.0 + zv * (1.0 - sig))
-            tl.store(dz_ptr + grad_dl + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
-            dy = dy * zv * sig
-        dy = tl.where(mask_dt, dy, 0.0)                                           # dy' (BD, BL)
+                du += Dv[None, :] * dy
+                dD_acc += tl.sum(dy * u, axis=0)
+            if SOFTPLUS:
+                ddelta *= tl.sigmoid(delta_raw)
+            ddelta = tl.where(mask_td, ddelta, 0.0)
+            dbias_acc += tl.sum(ddelta, axis=0)
+            dA_acc += tl.sum(gh * delta[:, None, :], axis=0)
+            tl.store(du_ptr + grad_td + t[:, None], du.to(du_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(ddelta_ptr + grad_td + t[:, None], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
 
-        # Adjoint states g_t = dL/dh_t, from the chunk's end backwards.
-        q = C[None, :, :] * dy[:, None, :]                                        # (BD, BN, BL)
-        _, p_cum, q_cum = tl.associative_scan((dA, tl.full(q.shape, 1.0, tl.float32), q), 2, _adjoint_combine,
-                                              reverse=True)
-        g = q_cum + p_cum * carry[:, :, None]                                     # (BD, BN, BL)
-        carry = tl.sum(tl.where(offs_l[None, None, :] == 0, dA * g, 0.0), axis=2)
+            # dB, dC: summed over this program's channels here, over channel blocks by the atomics.
+            dB = tl.sum(g * du_t[:, None, :], axis=2)                             # (BL, BN)
+            dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
+            tl.atomic_add(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
+            tl.atomic_add(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
+            c -= 1
+        tl.debug_barrier()             # the next segment overwrites the scratch
+        seg -= 1
 
-        # Per-step gradients. g * (h_t - x_t) = g_t * dA_t * h_{t-1}: the part that flows through the decay.
-        gh = g * (hs - x)                                                         # (BD, BN, BL)
-        gB = tl.sum(g * B[None, :, :], axis=1)                                    # (BD, BL)
-        ddelta = gB * u + tl.sum(gh * A[:, :, None], axis=1)
-        du = gB * delta
-        if HAS_D:
-            du += Dv[:, None] * dy
-            dD_acc += tl.sum(dy * u, axis=1)
-        if SOFTPLUS:
-            ddelta *= tl.sigmoid(delta_raw)
-        ddelta = tl.where(mask_dt, ddelta, 0.0)
-        dbias_acc += tl.sum(ddelta, axis=1)
-        dA_acc += tl.sum(gh * delta[:, None, :], axis=2)
-        tl.store(du_ptr + grad_dl + t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask_dt)
-        tl.store(ddelta_ptr + grad_dl + t[None, :], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
-
-        # dB, dC: summed over this program's channels here, over channel blocks by the atomics.
-        dB = tl.sum(g * du_t[:, None, :], axis=0)                                 # (BN, BL)
-        dC = tl.sum(hs * dy[:, None, :], axis=0)                                  # (BN, BL)
-        tl.atomic_add(dB_ptr + grad_nl + t[None, :], dB, mask=mask_nt)
-        tl.atomic_add(dC_ptr + grad_nl + t[None, :], dC, mask=mask_nt)
-        c -= 1
-
-    tl.atomic_add(dA_ptr + state_offs, dA_acc, mask=mask_dn)
+    tl.atomic_add(dA_ptr + state_offs, dA_acc, mask=mask_nd)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
 
 
-def _blocks(dim: int, dstate: int, seqlen: int, tile: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, BLOCK_L): n padded to a power of two, the chunk length, and as many channels as fit."""
+def _config(dim: int, dstate: int, seqlen: int) -> dict:
+    """Block sizes. One thread owns one channel's (chunk, n) tile, or a slice of it when n is large, so that the
+    scan over time and the sum over n stay inside the thread; a program is one warp of such threads."""
     block_n = triton.next_power_of_2(dstate)
     block_l = min(CHUNK_LEN, triton.next_power_of_2(max(seqlen, 1)))
-    block_d = max(1, min(triton.next_power_of_2(dim), tile // (block_n * block_l)))
-    return block_d, block_n, block_l
-
-
-def _num_warps(block_d: int, block_n: int, block_l: int) -> int:
-    return max(1, min(MAX_WARPS, block_d * block_n * block_l // ELEMENTS_PER_WARP))
+    lanes_per_channel = max(1, min(32, block_n * block_l // PER_THREAD))
+    block_d = max(1, min(WARPS * 32 // lanes_per_channel, triton.next_power_of_2(dim)))
+    return dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+                num_warps=WARPS if lanes_per_channel == 1 else 1)
 
 
 def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_chunks):
-    """Launch the forward. Returns y (b, d, l) in u's dtype, the last state (b, d, n) fp32 and the chunk-start
-    states (b, chunks, d, n) fp32 (None unless save_chunks)."""
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
+    """Launch the forward. Returns y (b, d, l) in u's dtype, the last state (b, d, n) fp32, the segment-start
+    states (b, segments, d, n) fp32 (None unless save_segs) and the block config."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    block_d, block_n, block_l = _blocks(dim, dstate, seqlen, FWD_TILE)
-    n_chunks = triton.cdiv(seqlen, block_l)
+    cfg = _config(dim, dstate, seqlen)
+    n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
+    n_segs = triton.cdiv(n_chunks, SEG_CHUNKS)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
-    chunks = (torch.empty(batch, n_chunks, dim, dstate, device=u.device, dtype=torch.float32)
-              if save_chunks else last)
+    segs = torch.empty(batch, n_segs, dim, dstate, device=u.device, dtype=torch.float32) if save_segs else last
     zz = z if z is not None else u
-    grid = (batch, triton.cdiv(dim, block_d))
+    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        y, last, chunks,
-        dim, seqlen, dstate, triton.cdiv(seqlen, block_l),
+        y, last, segs,
+        dim, seqlen, dstate, n_chunks, n_segs,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        SAVE_CHUNKS=save_chunks, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
-        num_warps=_num_warps(block_d, block_n, block_l),
+        SAVE_SEGS=save_segs, SEG_CHUNKS=SEG_CHUNKS, **cfg,
     )
-    return y, last, (chunks if save_chunks else None), block_l
+    return y, last, (segs if save_segs else None), cfg
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunks, chunk_len, dy, dlast):
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, cfg, dy, dlast):
     """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    block_d, block_n, _ = _blocks(dim, dstate, seqlen, BWD_TILE)
-    block_l = chunk_len                      # the backward restarts from the forward's chunk boundaries
-    block_d = max(1, min(block_d, BWD_TILE // (block_n * block_l)))
+    n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
+    n_segs = segs.shape[1]
     dy = dy.contiguous()
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
@@ -318,19 +350,19 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunks, chunk
     dC = torch.zeros(batch, dstate, seqlen, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+    scratch = torch.empty(grid[0] * grid[1] * SEG_CHUNKS * cfg["BLOCK_N"] * cfg["BLOCK_D"], **f32)
     zz = z if z is not None else u
-    grid = (batch, triton.cdiv(dim, block_d))
     _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, chunks,
-        dlast if dlast is not None else A,
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, segs,
+        dlast if dlast is not None else A, scratch,
         du, ddelta, dz if dz is not None else du, dA, dB, dC, dD if dD is not None else dA,
         dbias if dbias is not None else dA,
-        dim, seqlen, dstate, triton.cdiv(seqlen, block_l),
+        dim, seqlen, dstate, n_chunks, n_segs,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
-        num_warps=_num_warps(block_d, block_n, block_l),
+        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **cfg,
     )
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz,
@@ -345,19 +377,19 @@ class SelectiveScanTriton(torch.autograd.Function):
         u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        y, last, chunks, chunk_len = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                               save_chunks=any(ctx.needs_input_grad))
+        y, last, segs, cfg = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       save_segs=any(ctx.needs_input_grad))
         ctx.delta_softplus = delta_softplus
-        ctx.chunk_len = chunk_len
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunks)
+        ctx.cfg = cfg
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, segs)
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, segs = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunks, ctx.chunk_len, dy,
+        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, ctx.cfg, dy,
                           dlast.contiguous() if dlast is not None else None)
         return (*grads, None)
 

@@ -98,6 +98,15 @@ def test_interp_fp32_all_flags(shape):
 
 
 @interp
+@pytest.mark.parametrize("seg_chunks", [1, 3])
+def test_interp_many_segments(seg_chunks, monkeypatch):
+    """The backward restarts from the forward's segment states: several segments, a ragged last one."""
+    import kernels.triton_scan as triton_scan
+    monkeypatch.setattr(triton_scan, "SEG_CHUNKS", seg_chunks)
+    check_scan((1, 3, 29, 4), torch.float32, "cpu", seed=13)
+
+
+@interp
 @pytest.mark.parametrize("flags", [dict(with_d=False, with_z=False, with_bias=False, softplus=False),
                                    dict(with_z=False, last_state=False), dict(with_d=False, with_bias=False)])
 def test_interp_fp32_flag_combinations(flags):
