@@ -31,9 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements per (T, b, d, n) working buffer. About the L2 cache of a server core pair; larger chunks lost to page
-# faults on fresh allocations and cache misses, smaller ones to per-op overhead.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements per (b, T, n, d) working buffer: T = _CHUNK_ELEMENTS // (b * n * d), clamped to [1, 64].
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: int | None) -> int:
@@ -41,73 +40,71 @@ def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         return min(chunk_size, max(seqlen, 1))
-    per_step = batch * d_inner * d_state
-    return max(1, min(max(seqlen, 1), 256, _CHUNK_ELEMENTS // max(per_step, 1)))
+    return max(1, min(max(seqlen, 1), 64, _CHUNK_ELEMENTS // max(batch * d_inner * d_state, 1)))
 
 
-def _prepare_delta(delta, delta_bias, delta_softplus):
-    """delta (b, d, l) in fp32 with the bias and softplus applied, as the recurrence uses it."""
-    delta = delta.float()
+def _channels_last(x):
+    """(b, c, l) -> (b, l, c) fp32 contiguous; free when x is already a transposed view of (b, l, c) storage,
+    as the model's z and the gradients flowing back through its (b, l, d) projections are."""
+    return x.float().transpose(1, 2).contiguous()
+
+
+def _delta_bld(delta, delta_bias, delta_softplus):
+    """delta (b, d, l) -> (b, l, d) fp32 with the bias and softplus applied, as the recurrence uses it."""
+    delta = _channels_last(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.float()
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
 
 
-def _scan_forward(u, delta, A, B, C, h0, chunk, save_states):
-    """The recurrence over all chunks.
+def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
+    """The recurrence over all chunks, in channels-last layout.
 
     Args:
-        u, delta: (b, d, l) fp32 (delta already softplus'ed)
-        A: (d, n) fp32;  B, C: (b, n, l) fp32;  h0: (b, d, n) fp32 or None
+        u, delta: (b, l, d) fp32 (delta already softplus'ed)
+        At: (n, d) fp32, A transposed;  B, C: (b, l, n) fp32
+        h: (b, n, d) fp32 state before the first step; updated in place to the last state
         chunk: steps per chunk;  save_states: keep the state at each chunk start (for the backward)
     Returns:
-        ys: (l, b, d) fp32, <h_t, C_t> without the D skip or the z gate
-        h: (b, d, n) fp32, the last state
-        states: (num_chunks, b, d, n) fp32 chunk-start states, or None
+        ys: (b, l, d) fp32, <h_t, C_t> without the D skip or the z gate
+        states: (num_chunks, b, n, d) fp32 chunk-start states, or None
     """
-    batch, d_inner, seqlen = u.shape
-    d_state = A.shape[1]
+    batch, seqlen, d_inner = u.shape
+    d_state = At.shape[0]
     num_chunks = -(-seqlen // chunk)
-    du = delta * u                                                           # (b, d, l)
-    ys = u.new_empty(seqlen, batch, d_inner)                                 # (l, b, d)
-    dA = u.new_empty(chunk, batch, d_inner, d_state)                         # (T, b, d, n)
-    dbu = u.new_empty(chunk, batch, d_inner, d_state)
-    hs = u.new_empty(chunk + 1, batch, d_inner, d_state)                     # hs[0] = state before the chunk
-    states = u.new_empty(num_chunks, batch, d_inner, d_state) if save_states else None
-    if h0 is None:
-        hs[0].zero_()
-    else:
-        hs[0].copy_(h0)
+    du = delta * u                                                           # (b, l, d)
+    ys = u.new_empty(batch, seqlen, d_inner)
+    dA = u.new_empty(batch, chunk, d_state, d_inner)                         # (b, T, n, d)
+    dbu = torch.empty_like(dA)
+    hs = torch.empty_like(dA)                                                # hs[:, t] = h_t
+    states = u.new_empty(num_chunks, batch, d_state, d_inner) if save_states else None
     for c in range(num_chunks):
         t0 = c * chunk
         T = min(chunk, seqlen - t0)
         if states is not None:
-            states[c].copy_(hs[0])
-        a, x, h = dA[:T], dbu[:T], hs[:T + 1]
-        torch.mul(delta[:, :, t0:t0 + T].permute(2, 0, 1)[..., None], A, out=a)       # (T, b, d, n)
+            states[c].copy_(h)
+        a, x, hc = dA[:, :T], dbu[:, :T], hs[:, :T]
+        torch.mul(delta[:, t0:t0 + T, None, :], At, out=a)                  # (b, T, n, d)
         torch.exp(a, out=a)
-        torch.mul(du[:, :, t0:t0 + T].permute(2, 0, 1)[..., None],
-                  B[:, None, :, t0:t0 + T].permute(3, 0, 1, 2), out=x)                  # (T, b, d, n)
+        torch.mul(B[:, t0:t0 + T, :, None], du[:, t0:t0 + T, None, :], out=x)
+        prev = h
         for t in range(T):
-            torch.addcmul(x[t], a[t], h[t], out=h[t + 1])
-        Ct = C[:, :, t0:t0 + T].permute(2, 0, 1)[..., None]                              # (T, b, n, 1)
-        torch.matmul(h[1:], Ct, out=ys[t0:t0 + T, :, :, None])                          # (T, b, d, 1)
-        hs[0].copy_(h[T])
-    return ys, hs[0].clone(), states
+            prev = torch.addcmul(x[:, t], a[:, t], prev, out=hc[:, t])
+        h.copy_(prev)
+        ys[:, t0:t0 + T] = torch.matmul(C[:, t0:t0 + T, None, :], hc).squeeze(2)   # (b, T, 1, d) -> (b, T, d)
+    return ys, states
 
 
 def _epilogue(ys, u, D, z):
-    """y = (ys + D * u) * silu(z) in (b, d, l), fp32."""
-    y = ys.permute(1, 2, 0)                                                  # (b, d, l) view
-    if D is None and z is None:
-        return y.clone(memory_format=torch.contiguous_format)               # never a view of the saved ys
+    """y = (ys + D * u) * silu(z), all (b, l, d) fp32."""
+    y = ys
     if D is not None:
-        y = y + D.float()[None, :, None] * u
+        y = torch.addcmul(ys, u, D.float())
     if z is not None:
-        y = y * F.silu(z.float())
-    return y
+        y = y * F.silu(z)
+    return y.clone() if y is ys else y                                       # never the saved ys itself
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -115,13 +112,18 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
-        u32, d32 = u.float(), _prepare_delta(delta, delta_bias, delta_softplus)
-        h0 = None if initial_state is None else initial_state.float()
-        ys, h_last, states = _scan_forward(u32, d32, A.float(), B.float(), C.float(), h0, chunk, save_states=True)
-        y = _epilogue(ys, u32, D, z).to(u.dtype)
+        batch, d_inner, _ = u.shape
+        u_ = _channels_last(u)
+        z_ = None if z is None else _channels_last(z)
+        delta_ = _delta_bld(delta, delta_bias, delta_softplus)
+        h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
+             else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
+        ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), _channels_last(B), _channels_last(C),
+                                   h, chunk, save_states=True)
+        y = _epilogue(ys, u_, D, z_).to(u.dtype)                                           # (b, l, d)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, ys)
         ctx.delta_softplus, ctx.chunk, ctx.has_h0 = delta_softplus, chunk, initial_state is not None
-        return y, h_last
+        return y.transpose(1, 2), h.transpose(1, 2)                                        # (b, d, l), (b, d, n)
 
     @staticmethod
     def backward(ctx, dy, dh_last):
@@ -129,83 +131,82 @@ class _ChunkedScan(torch.autograd.Function):
         chunk = ctx.chunk
         batch, d_inner, seqlen = u.shape
         d_state = A.shape[1]
-        u32 = u.float()
-        d_raw = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[None, :, None]
-        d32 = F.softplus(d_raw) if ctx.delta_softplus else d_raw
-        A32, B32, C32 = A.float(), B.float(), C.float()
-        dy = dy.float()
+        u_ = _channels_last(u)                                               # (b, l, d) fp32
+        d_raw = _delta_bld(delta, delta_bias, False)
+        delta_ = F.softplus(d_raw) if ctx.delta_softplus else d_raw
+        At = A.float().t().contiguous()                                      # (n, d)
+        B_, C_ = _channels_last(B), _channels_last(C)                        # (b, l, n)
+        dy = _channels_last(dy)                                              # (b, l, d)
 
         # Epilogue: y = (ys + D u) * silu(z).
         grad_D = grad_z = None
-        du_total = torch.zeros_like(u32)                                     # (b, d, l)
         if z is not None:
-            z32 = z.float()
-            sz = torch.sigmoid(z32)
-            pre = ys.permute(1, 2, 0)
-            if D is not None:
-                pre = pre + D.float()[None, :, None] * u32
-            grad_z = dy * pre * sz * (1 + z32 * (1 - sz))
-            dy = dy * (z32 * sz)                                             # d(pre)
+            z_ = _channels_last(z)
+            sz = torch.sigmoid(z_)
+            pre = ys if D is None else torch.addcmul(ys, u_, D.float())
+            grad_z = dy * pre * sz * (1 + z_ * (1 - sz))
+            dy = dy * (z_ * sz)                                              # d loss / d pre
+        grad_u = u_.new_zeros(batch, seqlen, d_inner)                        # (b, l, d)
         if D is not None:
-            grad_D = (dy * u32).sum(dim=(0, 2))
-            du_total.addcmul_(dy, D.float()[None, :, None])
-        dys = dy.permute(2, 0, 1)                                            # (l, b, d) view
+            grad_D = (dy * u_).sum(dim=(0, 1))
+            grad_u.addcmul_(dy, D.float())
 
         # Reverse-time scan over chunks, each one recomputed from its saved start state.
         num_chunks = states.shape[0]
-        du = d32 * u32                                                       # (b, d, l)
-        dA = u32.new_empty(chunk, batch, d_inner, d_state)                   # (T, b, d, n)
-        work = u32.new_empty(chunk, batch, d_inner, d_state)
-        hs = u32.new_empty(chunk + 1, batch, d_inner, d_state)
-        dh = u32.new_empty(chunk, batch, d_inner, d_state)
-        carry = u32.new_zeros(batch, d_inner, d_state) if dh_last is None else dh_last.float().clone()
-        grad_B = u32.new_empty(seqlen, batch, d_state)                        # (l, b, n)
-        grad_C = u32.new_empty(seqlen, batch, d_state)
-        grad_du = u32.new_empty(seqlen, batch, d_inner)                      # d loss / d(delta * u)
-        grad_dlog = u32.new_empty(seqlen, batch, d_inner)                    # d loss / d delta via the decay
-        grad_A = torch.zeros_like(A32)
+        du = delta_ * u_                                                     # (b, l, d)
+        dA = u_.new_empty(batch, chunk, d_state, d_inner)                    # (b, T, n, d)
+        work = torch.empty_like(dA)
+        hs = torch.empty_like(dA)
+        dh = torch.empty_like(dA)
+        carry = (u_.new_zeros(batch, d_state, d_inner) if dh_last is None
+                 else dh_last.float().transpose(1, 2).contiguous())         # d loss / d h at the chunk's end
+        grad_B = u_.new_empty(batch, seqlen, d_state)                        # (b, l, n)
+        grad_C = u_.new_empty(batch, seqlen, d_state)
+        grad_du = u_.new_empty(batch, seqlen, d_inner)                       # d loss / d(delta * u), (b, l, d)
+        grad_dlog = u_.new_empty(batch, seqlen, d_inner)                     # d loss / d delta through the decay
+        grad_At = torch.zeros_like(At)                                       # (n, d)
         for c in reversed(range(num_chunks)):
             t0 = c * chunk
             T = min(chunk, seqlen - t0)
-            a, x, h, g = dA[:T], work[:T], hs[:T + 1], dh[:T]
-            d_c = delta_c = d32[:, :, t0:t0 + T].permute(2, 0, 1)                        # (T, b, d)
-            du_c = du[:, :, t0:t0 + T].permute(2, 0, 1)
-            B_c = B32[:, :, t0:t0 + T].permute(2, 0, 1)                                   # (T, b, n)
-            C_c = C32[:, :, t0:t0 + T].permute(2, 0, 1)
-            dy_c = dys[t0:t0 + T]                                                         # (T, b, d)
-            torch.mul(d_c[..., None], A32, out=a)
+            sl = slice(t0, t0 + T)
+            a, x, hc, g = dA[:, :T], work[:, :T], hs[:, :T], dh[:, :T]
+            h0 = states[c]                                                   # (b, n, d)
+            torch.mul(delta_[:, sl, None, :], At, out=a)
             torch.exp(a, out=a)
-            torch.mul(du_c[..., None], B_c[:, :, None, :], out=x)
-            h[0].copy_(states[c])
+            torch.mul(B_[:, sl, :, None], du[:, sl, None, :], out=x)
+            prev = h0
             for t in range(T):
-                torch.addcmul(x[t], a[t], h[t], out=h[t + 1])
-            # Adjoint: dh_t = C_t dy_t + dA_{t+1} dh_{t+1}; the carry brings dA dh from the next chunk.
-            torch.mul(dy_c[..., None], C_c[:, :, None, :], out=g)
-            g[T - 1].add_(carry)
+                prev = torch.addcmul(x[:, t], a[:, t], prev, out=hc[:, t])
+            # Adjoint: dh_t = C_t dy_t + dA_{t+1} dh_{t+1}; the carry brings it in from the next chunk.
+            torch.mul(C_[:, sl, :, None], dy[:, sl, None, :], out=g)
+            g[:, T - 1].add_(carry)
             for t in range(T - 2, -1, -1):
-                g[t].addcmul_(a[t + 1], g[t + 1])
-            carry = a[0] * g[0]
-            torch.matmul(dy_c[:, :, None, :], h[1:], out=grad_C[t0:t0 + T, :, None, :])   # (T, b, 1, n)
-            torch.matmul(du_c[:, :, None, :], g, out=grad_B[t0:t0 + T, :, None, :])
-            torch.matmul(g, B_c[..., None], out=grad_du[t0:t0 + T, :, :, None])           # (T, b, d, 1)
-            # d loss / d(delta_t A) = dh_t * h_{t-1} * dA_t
-            torch.mul(g, h[:T], out=x)
+                g[:, t].addcmul_(a[:, t + 1], g[:, t + 1])
+            carry = a[:, 0] * g[:, 0]
+            grad_C[:, sl] = torch.matmul(hc, dy[:, sl, :, None]).squeeze(-1)              # (b, T, n)
+            grad_B[:, sl] = torch.matmul(g, du[:, sl, :, None]).squeeze(-1)
+            grad_du[:, sl] = torch.matmul(B_[:, sl, None, :], g).squeeze(2)               # (b, T, d)
+            # d loss / d(delta_t A) = dh_t * h_{t-1} * dA_t, with h_{t-1} = hs shifted by one step
+            torch.mul(g[:, 1:], hc[:, :T - 1], out=x[:, 1:])
+            torch.mul(g[:, 0], h0, out=x[:, 0])
             x.mul_(a)
-            torch.mul(x, A32, out=a)                                                     # dA is spent
-            torch.sum(a, dim=-1, out=grad_dlog[t0:t0 + T])
-            x.mul_(delta_c[..., None])
-            grad_A += x.sum(dim=(0, 1))
+            torch.mul(x, At, out=a)                                                        # dA is spent
+            torch.sum(a, dim=2, out=grad_dlog[:, sl])
+            x.mul_(delta_[:, sl, None, :])
+            grad_At += x.sum(dim=(0, 1))
 
-        grad_du_b = grad_du.permute(1, 2, 0)                                 # (b, d, l) views
-        grad_delta = grad_dlog.permute(1, 2, 0) + grad_du_b * u32
-        du_total.addcmul_(grad_du_b, d32)
+        grad_delta = torch.addcmul(grad_dlog, grad_du, u_)                   # (b, l, d)
+        grad_u.addcmul_(grad_du, delta_)
         if ctx.delta_softplus:
-            grad_delta = grad_delta * torch.sigmoid(d_raw)
-        grad_bias = grad_delta.sum(dim=(0, 2)) if delta_bias is not None else None
-        grad_h0 = carry if ctx.has_h0 else None
-        return (du_total.to(u.dtype), grad_delta.to(delta.dtype), grad_A.to(A.dtype),
-                grad_B.permute(1, 2, 0).to(B.dtype), grad_C.permute(1, 2, 0).to(C.dtype),
-                None if grad_D is None else grad_D.to(D.dtype), None if grad_z is None else grad_z.to(z.dtype),
+            grad_delta.mul_(torch.sigmoid(d_raw))
+        grad_bias = grad_delta.sum(dim=(0, 1)) if delta_bias is not None else None
+        grad_h0 = carry.transpose(1, 2) if ctx.has_h0 else None
+
+        def back(grad, like):                                                # (b, l, c) -> (b, c, l) view
+            return None if grad is None else grad.transpose(1, 2).to(like.dtype)
+
+        return (back(grad_u, u), back(grad_delta, delta), grad_At.t().to(A.dtype), back(grad_B, B), back(grad_C, C),
+                None if grad_D is None else grad_D.to(D.dtype), back(grad_z, z),
                 None if grad_bias is None else grad_bias.to(delta_bias.dtype), grad_h0, None, None)
 
 
@@ -232,8 +233,11 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         y, h_last = _ChunkedScan.apply(*inputs, delta_softplus, chunk)
     else:                                                                    # inference: nothing to save
-        ys, h_last, _ = _scan_forward(u.float(), _prepare_delta(delta, delta_bias, delta_softplus), A.float(),
-                                      B.float(), C.float(), None if initial_state is None else initial_state.float(),
-                                      chunk, save_states=False)
-        y = _epilogue(ys, u.float(), D, z).to(u.dtype)
+        u_ = _channels_last(u)
+        h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
+             else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
+        ys, _ = _scan_forward(u_, _delta_bld(delta, delta_bias, delta_softplus), A.float().t().contiguous(),
+                              _channels_last(B), _channels_last(C), h, chunk, save_states=False)
+        y = _epilogue(ys, u_, D, None if z is None else _channels_last(z)).to(u.dtype).transpose(1, 2)
+        h_last = h.transpose(1, 2)
     return (y, h_last) if return_last_state else y
