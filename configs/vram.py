@@ -26,43 +26,45 @@ def _layout(micro_batch_size, seq_len, gradient_checkpointing):
             "gradient_checkpointing": gradient_checkpointing}
 
 
+# Chosen from measured peaks (BENCHMARKS.md, memory): the largest micro-batch that fits (passes of many tokens
+# keep the GPU busy), up to 16 sequences; checkpointing only where that is the price of a usable micro-batch.
 VRAM_PRESETS = {
     #            size:   micro, seq_len, checkpointing
     "8gb": {
-        "tiny":   _layout(32, 2048, False),
+        "tiny":   _layout(8, 2048, False),
         "small":  _layout(8, 2048, True),
-        "medium": _layout(4, 2048, True),
-        "large":  _layout(2, 2048, True),
+        "medium": _layout(8, 2048, True),
+        "large":  _layout(1, 2048, True),
     },
     "12gb": {
-        "tiny":   _layout(32, 2048, False),
+        "tiny":   _layout(16, 2048, False),
         "small":  _layout(16, 2048, True),
         "medium": _layout(8, 2048, True),
         "large":  _layout(4, 2048, True),
     },
     "16gb": {
-        "tiny":   _layout(64, 2048, False),
-        "small":  _layout(4, 2048, False),
-        "medium": _layout(8, 2048, True),
-        "large":  _layout(4, 2048, True),
-    },
-    "24gb": {
-        "tiny":   _layout(64, 2048, False),
-        "small":  _layout(8, 2048, False),
-        "medium": _layout(4, 2048, False),
+        "tiny":   _layout(16, 2048, False),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(16, 2048, True),
         "large":  _layout(8, 2048, True),
     },
+    "24gb": {
+        "tiny":   _layout(32, 2048, False),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(16, 2048, True),
+        "large":  _layout(16, 2048, True),
+    },
     "32gb": {
-        "tiny":   _layout(64, 2048, False),
-        "small":  _layout(8, 2048, False),
-        "medium": _layout(8, 2048, False),
+        "tiny":   _layout(32, 2048, False),
+        "small":  _layout(16, 2048, False),
+        "medium": _layout(16, 2048, True),
         "large":  _layout(16, 2048, True),
     },
     "48gb": {
         "tiny":   _layout(64, 2048, False),
         "small":  _layout(16, 2048, False),
-        "medium": _layout(8, 2048, False),
-        "large":  _layout(4, 2048, False),
+        "medium": _layout(16, 2048, False),
+        "large":  _layout(16, 2048, True),
     },
 }
 

@@ -135,3 +135,16 @@ def test_memory_fit_adjusts_or_refuses():
 
 def test_train_config_defaults_are_valid():
     TrainConfig(model_size="tiny").validate()
+
+
+def test_every_gpu_preset_passes_its_own_fit_check():
+    """The presets are chosen from measured peaks; the start-up check must accept them unchanged."""
+    from configs.model_sizes import count_parameters, model_config
+    for vram in VRAM_CHOICES:
+        budget = budget_bytes(vram, None)
+        for size, layout in VRAM_PRESETS[vram].items():
+            mc = model_config(size)
+            micro, accum, ckpt, est, notes = fit_layout(mc, count_parameters(mc), layout["micro_batch_size"],
+                                                        layout["grad_accum_steps"], layout["seq_len"],
+                                                        layout["gradient_checkpointing"], "bf16", budget)
+            assert not notes and est.total <= budget, (vram, size, est.describe())

@@ -174,13 +174,14 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     n_params = model.num_parameters()
 
     # -- will it fit? (checked before the first step, never an out-of-memory error an hour in)
+    backend = model.scan_backend_for(device)
     est = estimate_for(model.config, n_params, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
-                       precision.name)
+                       precision.name, backend)
     if device.type == "cuda" and cfg.vram != "cpu":
         budget = budget_bytes(cfg.vram, total_mem)
         micro, accum, gc, est, notes = fit_layout(model.config, n_params, cfg.micro_batch_size,
                                                   cfg.grad_accum_steps, cfg.seq_len, cfg.gradient_checkpointing,
-                                                  precision.name, budget)
+                                                  precision.name, budget, backend)
         if est.total > budget:
             raise ConfigError(
                 f"model_size {cfg.model_size!r} at seq_len {cfg.seq_len} needs {est.describe()} even at "
@@ -195,7 +196,6 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
                       log=log)
 
-    backend = model.scan_backend_for(device)
     world = dist.world_size
     log("\n".join([
         f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),

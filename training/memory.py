@@ -1,12 +1,14 @@
 """Peak GPU memory of a training step, estimated before the run starts, and the fit check.
 
-The estimate adds what a step keeps alive at its peak (end of forward / start of backward):
-    weights fp32 + grads fp32 + AdamW moments (2 x fp32)         16 bytes per parameter
-    low-precision weight copies made by autocast                  2 bytes per parameter (bf16/fp16)
-    activations saved for backward                                per token, per layer (see ACT_BYTES)
-    logits, their fp32 upcast for the loss and its gradient       per token x vocabulary
-The per-token coefficients were fitted to peaks measured on an H100 with the chunked and triton scans
-(BENCHMARKS.md, section memory); the estimate errs high rather than low.
+The estimate adds what a step keeps alive at its peak, with coefficients fitted (least squares, 19 points, every
+point within 0.1 GiB) to the peak allocated memory of real training steps on an H100, bf16 autocast, triton scan
+(BENCHMARKS.md, section memory, has the measurements and the command):
+    weights fp32 + grads fp32 + AdamW moments + bf16 weight copies    17.85 bytes per parameter
+    logits (bf16), their fp32 copy for the loss and its gradient      14.1 bytes per token per vocabulary entry
+    activations saved for backward, without checkpointing            22.5 bytes per token per layer per d_inner
+    with checkpointing: each block's input + one block recomputed    3.54 per d_model per layer + 7.2 per d_inner
+The chunked PyTorch scan keeps about 1.47x the triton scan's activations (measured for medium at 8 x 2048).
+The allocator's fragmentation comes on top (OVERHEAD), and a run plans for BUDGET_SHARE of the card.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-# Saved activations per token per layer, in units of d_inner, for 2-byte autocast (fp32 doubles it).
-ACT_BYTES_PER_D_INNER = 40.0
-# With checkpointing each block keeps only its input: the fp32 residual stream (4 bytes x d_model) + norm input.
-CKPT_BYTES_PER_D_MODEL = 8.0
-# Logits (2 B) + fp32 copy (4 B) + fp32 gradient (4 B) + low-precision gradient (2 B), per vocabulary entry.
-LOGIT_BYTES = 12.0
-# Allocator fragmentation and workspace (cuBLAS, Triton) on top of the sum.
-OVERHEAD = 1.15
+STATE_BYTES_PER_PARAM = 17.85
+LOGIT_BYTES = 14.1
+ACT_BYTES_PER_D_INNER = 22.5
+CKPT_BYTES_PER_D_MODEL = 3.54
+CKPT_RECOMPUTE_BYTES_PER_D_INNER = 7.2
+BACKEND_ACT_FACTOR = {"triton": 1.0, "chunked": 1.47, "ref": 3.0}
+# Allocator fragmentation (peak reserved / peak allocated was 1.02-1.2 in the measurements).
+OVERHEAD = 1.10
 # Share of a card's nominal memory a run may plan to use (the CUDA context and other processes take the rest).
 BUDGET_SHARE = 0.90
 
@@ -40,26 +42,26 @@ class MemoryEstimate:
 
 def estimate_peak_memory(n_params: int, d_model: int, d_inner: int, n_layer: int, vocab_padded: int,
                          micro_batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                         precision: str) -> MemoryEstimate:
+                         precision: str, backend: str = "triton") -> MemoryEstimate:
     """Estimated peak bytes of one training step on one GPU (see the module docstring)."""
-    low = precision in ("bf16", "fp16")
-    states = 16.0 * n_params + (2.0 * n_params if low else 0.0)
+    act_scale = BACKEND_ACT_FACTOR[backend] * (1.0 if precision in ("bf16", "fp16") else 2.0)
+    states = STATE_BYTES_PER_PARAM * n_params
     tokens = micro_batch_size * seq_len
-    per_layer = ACT_BYTES_PER_D_INNER * d_inner * (1.0 if low else 2.0)
     if gradient_checkpointing:
-        activations = tokens * (n_layer * CKPT_BYTES_PER_D_MODEL * d_model + per_layer)
+        per_token = n_layer * CKPT_BYTES_PER_D_MODEL * d_model + act_scale * CKPT_RECOMPUTE_BYTES_PER_D_INNER * d_inner
     else:
-        activations = tokens * n_layer * per_layer
-    logits = tokens * vocab_padded * (LOGIT_BYTES if low else 12.0)
+        per_token = act_scale * n_layer * ACT_BYTES_PER_D_INNER * d_inner
+    activations = tokens * per_token
+    logits = tokens * vocab_padded * LOGIT_BYTES
     total = OVERHEAD * (states + activations + logits)
     return MemoryEstimate(states, activations, logits, total)
 
 
 def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: int,
-                 gradient_checkpointing: bool, precision: str) -> MemoryEstimate:
+                 gradient_checkpointing: bool, precision: str, backend: str = "triton") -> MemoryEstimate:
     return estimate_peak_memory(n_params, model_config.d_model, model_config.d_inner, model_config.n_layer,
                                 model_config.padded_vocab_size, micro_batch_size, seq_len,
-                                gradient_checkpointing, precision)
+                                gradient_checkpointing, precision, backend)
 
 
 def budget_bytes(vram: str, device_total_bytes: int | None) -> float:
@@ -71,7 +73,7 @@ def budget_bytes(vram: str, device_total_bytes: int | None) -> float:
 
 
 def fit_layout(model_config, n_params: int, micro_batch_size: int, grad_accum_steps: int, seq_len: int,
-               gradient_checkpointing: bool, precision: str, budget: float):
+               gradient_checkpointing: bool, precision: str, budget: float, backend: str = "triton"):
     """Adjust a batch layout until its estimate fits `budget`, keeping the tokens per optimizer step.
 
     First turn on gradient checkpointing, then halve the micro-batch and double accumulation.
@@ -82,7 +84,8 @@ def fit_layout(model_config, n_params: int, micro_batch_size: int, grad_accum_st
     notes = []
 
     def est():
-        return estimate_for(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision)
+        return estimate_for(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
+                            backend)
 
     e = est()
     if e.total > budget and not gradient_checkpointing:
