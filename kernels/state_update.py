@@ -46,7 +46,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if backend not in STATE_UPDATE_BACKENDS:
         raise ValueError(f"state-update backend {backend!r} is unknown; allowed: {', '.join(STATE_UPDATE_BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if state.device.type == "cuda" and triton_importable() else "torch"
+        # under torch.compile the PyTorch math is traced and fused by inductor (the launcher cannot be traced)
+        backend = ("triton" if state.device.type == "cuda" and not torch.compiler.is_compiling()
+                   and triton_importable() else "torch")
     if backend == "torch":
         return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                             dt_softplus=dt_softplus)
