@@ -308,3 +308,21 @@ def test_cuda_graph_decoder_matches_eager(compile):
     assert torch.equal(graphed.decode(ids, 40, SamplingParams(temperature=0)), eager)
     assert torch.equal(graphed.decode(ids, 40, SamplingParams(temperature=0)), eager)   # replays reuse the graph
     assert torch.equal(eager, model.generate(ids, 40, temperature=0))
+
+
+def test_cli_interactive_loop(monkeypatch, capsys, hf_dir, model, tokenizer):
+    answers = iter(["The quick", ""])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    code, out, _ = run_main(capsys, "--checkpoint", str(hf_dir), "--temperature", "0", "--max_new_tokens", "5",
+                            "--device", "cpu", "--no-stream")
+    assert code == 0
+    expected = [expected_greedy(model, tokenizer, p, 5) + "\n" for p in ("The quick", "")]
+    assert out == "".join(expected)
