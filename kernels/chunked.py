@@ -77,23 +77,22 @@ def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
     du = delta * u                                                           # (b, l, d)
     ys = u.new_empty(batch, seqlen, d_inner)
     dA = u.new_empty(batch, chunk, d_state, d_inner)                         # (b, T, n, d)
-    dbu = torch.empty_like(dA)
-    hs = torch.empty_like(dA)                                                # hs[:, t] = h_t
+    hs = torch.empty_like(dA)                                                # delta B u, then h in place
+    a_t, h_t = dA.unbind(1), hs.unbind(1)                                    # per-step (b, n, d) views, made once
     states = u.new_empty(num_chunks, batch, d_state, d_inner) if save_states else None
     for c in range(num_chunks):
         t0 = c * chunk
         T = min(chunk, seqlen - t0)
         if states is not None:
             states[c].copy_(h)
-        a, x, hc = dA[:, :T], dbu[:, :T], hs[:, :T]
-        torch.mul(delta[:, t0:t0 + T, None, :], At, out=a)                  # (b, T, n, d)
-        torch.exp(a, out=a)
-        torch.mul(B[:, t0:t0 + T, :, None], du[:, t0:t0 + T, None, :], out=x)
+        torch.mul(delta[:, t0:t0 + T, None, :], At, out=dA[:, :T])           # (b, T, n, d)
+        torch.exp(dA[:, :T], out=dA[:, :T])
+        torch.mul(B[:, t0:t0 + T, :, None], du[:, t0:t0 + T, None, :], out=hs[:, :T])
         prev = h
-        for t in range(T):
-            prev = torch.addcmul(x[:, t], a[:, t], prev, out=hc[:, t])
+        for t in range(T):                                                   # h_t = dA_t h_{t-1} + delta_t B_t u_t
+            prev = h_t[t].addcmul_(a_t[t], prev)
         h.copy_(prev)
-        ys[:, t0:t0 + T] = torch.matmul(C[:, t0:t0 + T, None, :], hc).squeeze(2)   # (b, T, 1, d) -> (b, T, d)
+        ys[:, t0:t0 + T] = torch.matmul(C[:, t0:t0 + T, None, :], hs[:, :T]).squeeze(2)   # (b, T, 1, d) -> (b, T, d)
     return ys, states
 
 
@@ -108,56 +107,53 @@ def _epilogue(ys, u, D, z):
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Forward saves the inputs, chunk-start states and the pre-gate output; backward recomputes the rest."""
+    """Forward saves the (channels-last, fp32) inputs, the chunk-start states and the pre-gate output; backward
+    recomputes each chunk's states and decays from them."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
         batch, d_inner, _ = u.shape
-        u_ = _channels_last(u)
-        z_ = None if z is None else _channels_last(z)
-        delta_ = _delta_bld(delta, delta_bias, delta_softplus)
+        u_, delta_ = _channels_last(u), _delta_bld(delta, delta_bias, delta_softplus)       # (b, l, d)
+        B_, C_ = _channels_last(B), _channels_last(C)                                      # (b, l, n)
         h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
              else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
-        ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), _channels_last(B), _channels_last(C),
-                                   h, chunk, save_states=True)
-        y = _epilogue(ys, u_, D, z_).to(u.dtype)                                           # (b, l, d)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, ys)
-        ctx.delta_softplus, ctx.chunk, ctx.has_h0 = delta_softplus, chunk, initial_state is not None
+        ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), B_, C_, h, chunk, save_states=True)
+        y = _epilogue(ys, u_, D, None if z is None else _channels_last(z)).to(u.dtype)    # (b, l, d)
+        ctx.save_for_backward(u_, delta_, A, B_, C_, D, z, states, ys)
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, B, C, delta_bias)]
+        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
+        ctx.has_bias, ctx.has_h0 = delta_bias is not None, initial_state is not None
         return y.transpose(1, 2), h.transpose(1, 2)                                        # (b, d, l), (b, d, n)
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        u, delta, A, B, C, D, z, delta_bias, states, ys = ctx.saved_tensors
+        u_, delta_, A, B_, C_, D, z, states, ys = ctx.saved_tensors
         chunk = ctx.chunk
-        batch, d_inner, seqlen = u.shape
+        batch, seqlen, d_inner = u_.shape
         d_state = A.shape[1]
-        u_ = _channels_last(u)                                               # (b, l, d) fp32
-        d_raw = _delta_bld(delta, delta_bias, False)
-        delta_ = F.softplus(d_raw) if ctx.delta_softplus else d_raw
         At = A.float().t().contiguous()                                      # (n, d)
-        B_, C_ = _channels_last(B), _channels_last(C)                        # (b, l, n)
         dy = _channels_last(dy)                                              # (b, l, d)
 
         # Epilogue: y = (ys + D u) * silu(z).
         grad_D = grad_z = None
         if z is not None:
             z_ = _channels_last(z)
-            sz = torch.sigmoid(z_)
             pre = ys if D is None else torch.addcmul(ys, u_, D.float())
-            grad_z = dy * pre * sz * (1 + z_ * (1 - sz))
-            dy = dy * (z_ * sz)                                              # d loss / d pre
-        grad_u = u_.new_zeros(batch, seqlen, d_inner)                        # (b, l, d)
+            grad_z = torch.ops.aten.silu_backward(dy * pre, z_)
+            dy = dy * F.silu(z_)                                             # d loss / d pre
         if D is not None:
             grad_D = (dy * u_).sum(dim=(0, 1))
-            grad_u.addcmul_(dy, D.float())
+            grad_u = dy * D.float()                                          # (b, l, d)
+        else:
+            grad_u = torch.zeros_like(u_)
 
         # Reverse-time scan over chunks, each one recomputed from its saved start state.
         num_chunks = states.shape[0]
         du = delta_ * u_                                                     # (b, l, d)
         dA = u_.new_empty(batch, chunk, d_state, d_inner)                    # (b, T, n, d)
-        work = torch.empty_like(dA)
         hs = torch.empty_like(dA)
         dh = torch.empty_like(dA)
+        a_t, h_t, g_t = dA.unbind(1), hs.unbind(1), dh.unbind(1)             # per-step (b, n, d) views
         carry = (u_.new_zeros(batch, d_state, d_inner) if dh_last is None
                  else dh_last.float().transpose(1, 2).contiguous())         # d loss / d h at the chunk's end
         grad_B = u_.new_empty(batch, seqlen, d_state)                        # (b, l, n)
@@ -169,45 +165,47 @@ class _ChunkedScan(torch.autograd.Function):
             t0 = c * chunk
             T = min(chunk, seqlen - t0)
             sl = slice(t0, t0 + T)
-            a, x, hc, g = dA[:, :T], work[:, :T], hs[:, :T], dh[:, :T]
+            a, hc, g = dA[:, :T], hs[:, :T], dh[:, :T]
             h0 = states[c]                                                   # (b, n, d)
             torch.mul(delta_[:, sl, None, :], At, out=a)
             torch.exp(a, out=a)
-            torch.mul(B_[:, sl, :, None], du[:, sl, None, :], out=x)
+            torch.mul(B_[:, sl, :, None], du[:, sl, None, :], out=hc)
             prev = h0
             for t in range(T):
-                prev = torch.addcmul(x[:, t], a[:, t], prev, out=hc[:, t])
+                prev = h_t[t].addcmul_(a_t[t], prev)
             # Adjoint: dh_t = C_t dy_t + dA_{t+1} dh_{t+1}; the carry brings it in from the next chunk.
             torch.mul(C_[:, sl, :, None], dy[:, sl, None, :], out=g)
-            g[:, T - 1].add_(carry)
+            g_t[T - 1].add_(carry)
             for t in range(T - 2, -1, -1):
-                g[:, t].addcmul_(a[:, t + 1], g[:, t + 1])
-            carry = a[:, 0] * g[:, 0]
+                g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+            carry = a_t[0] * g_t[0]
             grad_C[:, sl] = torch.matmul(hc, dy[:, sl, :, None]).squeeze(-1)              # (b, T, n)
             grad_B[:, sl] = torch.matmul(g, du[:, sl, :, None]).squeeze(-1)
             grad_du[:, sl] = torch.matmul(B_[:, sl, None, :], g).squeeze(2)               # (b, T, d)
-            # d loss / d(delta_t A) = dh_t * h_{t-1} * dA_t, with h_{t-1} = hs shifted by one step
-            torch.mul(g[:, 1:], hc[:, :T - 1], out=x[:, 1:])
-            torch.mul(g[:, 0], h0, out=x[:, 0])
-            x.mul_(a)
-            torch.mul(x, At, out=a)                                                        # dA is spent
+            # d loss / d(delta_t A) = dh_t * h_{t-1} * dA_t, formed in place in dh (h_{t-1}: hs one step back)
+            g[:, 1:].mul_(hc[:, :T - 1])
+            g_t[0].mul_(h0)
+            g.mul_(a)
+            torch.mul(g, At, out=a)                                                        # dA is spent
             torch.sum(a, dim=2, out=grad_dlog[:, sl])
-            x.mul_(delta_[:, sl, None, :])
-            grad_At += x.sum(dim=(0, 1))
+            g.mul_(delta_[:, sl, None, :])
+            grad_At += g.sum(dim=(0, 1))
 
         grad_delta = torch.addcmul(grad_dlog, grad_du, u_)                   # (b, l, d)
         grad_u.addcmul_(grad_du, delta_)
         if ctx.delta_softplus:
-            grad_delta.mul_(torch.sigmoid(d_raw))
-        grad_bias = grad_delta.sum(dim=(0, 1)) if delta_bias is not None else None
+            grad_delta.mul_(-torch.expm1(-delta_))                           # softplus' = sigmoid = 1 - exp(-softplus)
+        grad_bias = grad_delta.sum(dim=(0, 1)) if ctx.has_bias else None
         grad_h0 = carry.transpose(1, 2) if ctx.has_h0 else None
+        u_dtype, delta_dtype, B_dtype, C_dtype, bias_dtype = ctx.dtypes
 
-        def back(grad, like):                                                # (b, l, c) -> (b, c, l) view
-            return None if grad is None else grad.transpose(1, 2).to(like.dtype)
+        def back(grad, dtype):                                               # (b, l, c) -> (b, c, l) view
+            return None if grad is None else grad.to(dtype).transpose(1, 2)
 
-        return (back(grad_u, u), back(grad_delta, delta), grad_At.t().to(A.dtype), back(grad_B, B), back(grad_C, C),
-                None if grad_D is None else grad_D.to(D.dtype), back(grad_z, z),
-                None if grad_bias is None else grad_bias.to(delta_bias.dtype), grad_h0, None, None)
+        return (back(grad_u, u_dtype), back(grad_delta, delta_dtype), grad_At.t().to(A.dtype),
+                back(grad_B, B_dtype), back(grad_C, C_dtype), None if grad_D is None else grad_D.to(D.dtype),
+                None if grad_z is None else grad_z.to(z.dtype).transpose(1, 2),
+                None if grad_bias is None else grad_bias.to(bias_dtype), grad_h0, None, None)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
