@@ -35,7 +35,7 @@ from utils.tokenizer import Tokenizer, check_vocab_size
 FORMAT = 1                    # bump when the prepared layout or the tokenisation rules change
 DEFAULT_VAL_FRACTION = 0.01
 MEMORY_BUDGET = 1 << 30       # corpora bigger than this (bytes on disk) are streamed
-BATCH_CHARS = 1 << 22         # characters tokenised per encode_batch call (the streaming working set)
+BATCH_CHARS = 1 << 21         # characters tokenised per encode_batch call (sets the streaming working set)
 TRAIN_MAX_CHARS = 1 << 28     # the BPE is trained on at most ~256M characters, spread evenly over the corpus
 BUILTIN_SUFFIXES = (".py", ".rst", ".txt")
 PLACEHOLDERS = {"README.md", ".gitkeep", ".gitignore"}   # an otherwise empty data/ counts as empty
@@ -199,15 +199,17 @@ class Encoder:
             return
         texts = [p for _, p in self.pending if p is not None]
         encoded = iter(self.tok.encode_batch(texts))
-        flat: list[int] = []
-        base = self.writer.n_tokens
+        parts: list[np.ndarray] = []
+        position = self.writer.n_tokens
+        eot = np.array([self.tok.eot_id], dtype=np.int64)
         for i, (rec, piece) in enumerate(self.pending):
             if i == self.doc_first and self.doc_start is None:
-                self.doc_start = base + len(flat)
-            ids = next(encoded) if piece is not None else (self.tok.eot_id,)
-            flat.extend(ids)
+                self.doc_start = position
+            ids = np.asarray(next(encoded), dtype=np.int64) if piece is not None else eot
+            parts.append(ids)
+            position += len(ids)
             rec.tokens += len(ids)
-        self.writer.write(flat)
+        self.writer.write(np.concatenate(parts))
         self.pending, self.pending_chars = [], 0
         if self.doc_first is not None:
             self.doc_first = 0   # the current document continues in the next batch
