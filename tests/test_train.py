@@ -91,6 +91,12 @@ def test_exact_resume_and_checkpoint_format(corpus, tmp_path):
     assert torch.allclose(lo[..., :lh.shape[-1]], lh, atol=1e-4, rtol=1e-4)
     assert torch.equal(lo, lm)
 
+    # fine-tuning from it: a new run whose first weights are the checkpoint's
+    tuned = tmp_path / "tuned"
+    assert main(args(corpus, tuned, "--init_from", str(straight / "best"), "--model_size", "small",
+                     "--max_steps", "1", "--checkpoint_interval", "1")) == 0
+    assert weights(tuned / "step_000001").keys() == a.keys()
+
 
 def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path):
     trainer = setup(_overrides(corpus, tmp_path / "nf", max_steps=12))
@@ -258,5 +264,9 @@ def test_ddp_gloo_two_processes(corpus, tmp_path):
     assert proc.stdout.count("tokens per optimizer step") == 1   # rank 0 alone prints
     assert "x 2 processes" in proc.stdout and "DDP 2 processes" in proc.stdout
     assert len(rows(out, "loss")) == 3
-    # resuming with another process count is refused with a clear message
-    assert main(args(corpus, out, "--resume", "--max_steps", "4")) == 2
+    # resumable under torchrun; another process count is refused with a clear message
+    proc = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29514", "train.py",
+                 *args(corpus, out, "--resume", "--max_steps", "4", "--device", "cpu")], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s for s, _ in rows(out, "loss")] == [1, 2, 3, 4]
+    assert main(args(corpus, out, "--resume", "--max_steps", "5")) == 2

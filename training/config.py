@@ -249,6 +249,7 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
     if vram == "cpu":
         values.update(CPU_PRESET["layout"])
         values.update(CPU_PRESET["schedule"])
+        values.update(CPU_PRESET["data"])
     else:
         if model_size not in VRAM_PRESETS[vram]:
             raise ConfigError(f"no {vram} layout for model_size {model_size!r}; "

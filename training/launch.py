@@ -160,7 +160,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, scan_backend=cfg.scan_backend)
         if init_dir is not None:
             found, _ = read_config(init_dir, scan_backend=cfg.scan_backend)
-            if cfg.init_from and resume_from is None:
+            if cfg.init_from:
                 expected = found              # fine-tuning: the loaded model's shape is the shape
             _check_shape(expected, found, f"checkpoint {str(init_dir)!r}", cfg)
             model = MambaLanguageModel.from_pretrained(init_dir, device="cpu", dtype=torch.float32,
@@ -199,7 +199,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     world = dist.world_size
     log("\n".join([
         f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),
-        f"model        {cfg.model_size}: {n_params:,} parameters (d_model {model.config.d_model}, "
+        f"model        {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: {n_params:,} parameters "
+        f"(d_model {model.config.d_model}, "
         f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})",
         f"data         {len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens",
         f"batch        {cfg.micro_batch_size} x {cfg.seq_len} tokens x {cfg.grad_accum_steps} accumulation"
