@@ -42,8 +42,9 @@ LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = 2^(x log2 e): exp2 is one 
 
 CHUNK_LEN = 4                # time steps per chunk (BLOCK_L): one scan over a (BLOCK_L, n, BLOCK_D) register tile
 SEG_CHUNKS = 16              # chunks per segment: the forward saves the state every SEG_CHUNKS * BLOCK_L steps
-PER_THREAD = 64              # (chunk, n) elements one thread holds per tile; larger n spreads a channel over lanes
-WARPS = 1                    # warps per program when a channel fits one thread
+# (chunk, n) elements one thread holds per tile (a larger tile spreads a channel over lanes), and warps per program.
+FWD_PER_THREAD, FWD_WARPS = 32, 1
+BWD_PER_THREAD, BWD_WARPS = 32, 1
 
 
 @triton.jit
@@ -102,6 +103,16 @@ def _scan_fwd_kernel(
     C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
     state_offs = offs_n[:, None] + offs_d[None, :] * dstate                         # into (.., d, n) states
 
+    # The loads of chunk c + 1 are issued before the arithmetic of chunk c (software pipelining by hand: each
+    # program is one warp, and waiting for every chunk's loads left the GPU idle most of the time).
+    mask_td = (offs_l < seqlen)[:, None] & mask_d[None, :]
+    mask_tn = (offs_l < seqlen)[:, None] & mask_n[None, :]
+    u_next = tl.load(u_base + offs_l[:, None], mask=mask_td, other=0.0)
+    delta_next = tl.load(delta_base + offs_l[:, None], mask=mask_td, other=0.0)
+    B_next = tl.load(B_base + offs_l[:, None], mask=mask_tn, other=0.0)
+    C_next = tl.load(C_base + offs_l[:, None], mask=mask_tn, other=0.0)
+    if HAS_Z:
+        z_next = tl.load(z_base + offs_l[:, None], mask=mask_td, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c = 0
     while c < n_chunks:        # (a while loop: Triton's interpreter cannot range() over a run-time bound)
@@ -110,13 +121,23 @@ def _scan_fwd_kernel(
                 # The state before this segment: (b, segments, d, n), where the backward restarts.
                 tl.store(seg_ptr + (pid_b * n_segs + c // SEG_CHUNKS) * dim * dstate + state_offs, h, mask=mask_nd)
         t = c * BLOCK_L + offs_l
-        mask_t = t < seqlen
-        mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)          # (BL, BD)
-        delta = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)  # (BL, BD)
-        B = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)          # (BL, BN)
-        C = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)          # (BL, BN)
+        mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+        u = u_next.to(tl.float32)                                                 # (BL, BD)
+        delta = delta_next.to(tl.float32)                                         # (BL, BD)
+        B = B_next.to(tl.float32)                                                 # (BL, BN)
+        C = C_next.to(tl.float32)                                                 # (BL, BN)
+        if HAS_Z:
+            zv = z_next.to(tl.float32)
+        t_next = t + BLOCK_L
+        mask_td_next = (t_next < seqlen)[:, None] & mask_d[None, :]
+        mask_tn_next = (t_next < seqlen)[:, None] & mask_n[None, :]
+        u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
+        delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
+        B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+        C_next = tl.load(C_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_base + t_next[:, None], mask=mask_td_next, other=0.0)
+
         if HAS_BIAS:
             delta += bias[None, :]
         if SOFTPLUS:
@@ -133,7 +154,6 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
-            zv = tl.load(z_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
         tl.store(y_base + t[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_td)
         c += 1
@@ -196,13 +216,24 @@ def _scan_bwd_kernel(
         c_end = tl.minimum(c_first + SEG_CHUNKS, n_chunks)
         h = tl.load(seg_ptr + (pid_b * n_segs + seg) * dim * dstate + state_offs, mask=mask_nd, other=0.0)
         c = c_first
+        mask_td = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_d[None, :]
+        mask_tn = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_n[None, :]
+        u_next = tl.load(u_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_td, other=0.0)
+        delta_next = tl.load(delta_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_td, other=0.0)
+        B_next = tl.load(B_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_tn, other=0.0)
         while c < c_end:
             tl.store(scratch + (c - c_first) * BLOCK_N * BLOCK_D, h)
             t = c * BLOCK_L + offs_l
             mask_td = (t < seqlen)[:, None] & mask_d[None, :]
-            u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
-            delta = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
-            B = tl.load(B_base + t[:, None], mask=(t < seqlen)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            u = u_next.to(tl.float32)
+            delta = delta_next.to(tl.float32)
+            B = B_next.to(tl.float32)
+            t_next = t + BLOCK_L
+            mask_td_next = (t_next < seqlen)[:, None] & mask_d[None, :] & (c + 1 < c_end)
+            mask_tn_next = (t_next < seqlen)[:, None] & mask_n[None, :] & (c + 1 < c_end)
+            u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
             if HAS_BIAS:
                 delta += bias[None, :]
             if SOFTPLUS:
@@ -215,19 +246,41 @@ def _scan_bwd_kernel(
             c += 1
         tl.debug_barrier()
 
-        # 2. Backward through the segment's chunks, last first.
+        # 2. Backward through the segment's chunks, last first (chunk c - 1's loads issued before c's arithmetic).
         c = c_end - 1
+        t = c * BLOCK_L + offs_l
+        mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+        mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
+        u_next = tl.load(u_base + t[:, None], mask=mask_td, other=0.0)
+        delta_next = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0)
+        dy_next = tl.load(dy_base + t[:, None], mask=mask_td, other=0.0)
+        B_next = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0)
+        C_next = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_base + t[:, None], mask=mask_td, other=0.0)
         while c >= c_first:
             t = c * BLOCK_L + offs_l
             mask_t = t < seqlen
             mask_td = mask_t[:, None] & mask_d[None, :]
             mask_tn = mask_t[:, None] & mask_n[None, :]
             h0 = tl.load(scratch + (c - c_first) * BLOCK_N * BLOCK_D)                    # (BN, BD)
-            u = tl.load(u_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)      # (BL, BD)
-            delta_raw = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
-            dy = tl.load(dy_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
-            B = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)      # (BL, BN)
-            C = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0).to(tl.float32)
+            u = u_next.to(tl.float32)                                                     # (BL, BD)
+            delta_raw = delta_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            B = B_next.to(tl.float32)                                                     # (BL, BN)
+            C = C_next.to(tl.float32)
+            if HAS_Z:
+                zv = z_next.to(tl.float32)
+            t_next = t - BLOCK_L
+            mask_td_next = (c > c_first) & mask_d[None, :] & (t_next >= 0)[:, None]
+            mask_tn_next = (c > c_first) & mask_n[None, :] & (t_next >= 0)[:, None]
+            u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            dy_next = tl.load(dy_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+            C_next = tl.load(C_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_base + t_next[:, None], mask=mask_td_next, other=0.0)
             if HAS_BIAS:
                 delta_raw += bias[None, :]
             if SOFTPLUS:
@@ -245,7 +298,6 @@ def _scan_bwd_kernel(
 
             # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
             if HAS_Z:
-                zv = tl.load(z_base + t[:, None], mask=mask_td, other=0.0).to(tl.float32)
                 y_pre = tl.sum(hs * C[:, :, None], axis=1)
                 if HAS_D:
                     y_pre += Dv[None, :] * u
@@ -294,15 +346,16 @@ def _scan_bwd_kernel(
         tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
 
 
-def _config(dim: int, dstate: int, seqlen: int) -> dict:
-    """Block sizes. One thread owns one channel's (chunk, n) tile, or a slice of it when n is large, so that the
-    scan over time and the sum over n stay inside the thread; a program is one warp of such threads."""
+def _config(dim: int, dstate: int, seqlen: int, per_thread: int, warps: int) -> dict:
+    """Block sizes. One thread owns one channel's (chunk, n) tile, or a slice of it when the tile is larger than
+    per_thread elements, so that the scan over time and the sum over n stay inside the thread (or a few lanes);
+    a program is `warps` warps of such threads."""
     block_n = triton.next_power_of_2(dstate)
     block_l = min(CHUNK_LEN, triton.next_power_of_2(max(seqlen, 1)))
-    lanes_per_channel = max(1, min(32, block_n * block_l // PER_THREAD))
-    block_d = max(1, min(WARPS * 32 // lanes_per_channel, triton.next_power_of_2(dim)))
+    lanes_per_channel = max(1, min(32, block_n * block_l // per_thread))
+    block_d = max(1, min(warps * 32 // lanes_per_channel, triton.next_power_of_2(dim)))
     return dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
-                num_warps=WARPS if lanes_per_channel == 1 else 1)
+                num_warps=max(1, min(warps, block_d * lanes_per_channel // 32)))
 
 
 def _last_dim_contiguous(t):
@@ -314,7 +367,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
     states (b, segments, d, n) fp32 (None unless save_segs) and the block config."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    cfg = _config(dim, dstate, seqlen)
+    cfg = _config(dim, dstate, seqlen, FWD_PER_THREAD, FWD_WARPS)
     n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
     n_segs = triton.cdiv(n_chunks, SEG_CHUNKS)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -334,10 +387,11 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
     return y, last, (segs if save_segs else None), cfg
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, cfg, dy, dlast):
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast):
     """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
+    cfg = _config(dim, dstate, seqlen, BWD_PER_THREAD, BWD_WARPS)
     n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
     n_segs = segs.shape[1]
     dy = dy.contiguous()
@@ -377,10 +431,9 @@ class SelectiveScanTriton(torch.autograd.Function):
         u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        y, last, segs, cfg = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                        save_segs=any(ctx.needs_input_grad))
         ctx.delta_softplus = delta_softplus
-        ctx.cfg = cfg
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, segs)
         return y, last
 
@@ -389,7 +442,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, segs = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, ctx.cfg, dy,
+        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, dy,
                           dlast.contiguous() if dlast is not None else None)
         return (*grads, None)
 
