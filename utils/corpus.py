@@ -20,7 +20,7 @@ from utils.readers import (VALIDATE_MAX_BYTES, Skip, file_type, html_to_text, re
 
 PIECE_CHARS = 1 << 16       # at most this many characters per piece: a big file is many pieces, encoded in parallel
 BLOCK_BYTES = 1 << 20       # read size for big files (bounded memory)
-SMALL_FILE_BYTES = 8 << 20  # files up to this size are read in one go; bigger ones block by block
+SMALL_FILE_BYTES = 2 << 20  # files up to this size are read in one go; bigger ones block by block
 SNIFF_BYTES = 1 << 16       # binary detection looks at this much of the head (git looks at 8000 bytes)
 MAX_BAD_FRACTION = 0.05     # more replaced characters than this -> "undecodable"
 

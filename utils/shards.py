@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 SPLIT_BLOCK = 1 << 15    # train/val split granularity in tokens (see split_train_val)
-COPY_TOKENS = 1 << 24    # tokens copied per step when splitting (64 MB of uint32): bounded memory
+COPY_TOKENS = 1 << 22    # tokens copied per step when splitting (16 MB of uint32): bounded memory
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -79,9 +79,10 @@ def split_train_val(src: Path, n_tokens: int, dtype: np.dtype, val_fraction: flo
         (train tokens, val tokens, block size)
     """
     block = split_block_size(n_tokens)
-    src_tokens = open_tokens(src, dtype, n_tokens)
+    itemsize = np.dtype(dtype).itemsize
     n_train = n_val = 0
-    with open(train_path, "wb") as ftrain, open(val_path, "wb") as fval:
+    # Plain reads, not a memmap: mapped pages would count toward this process's RSS for the whole file.
+    with open(src, "rb") as fsrc, open(train_path, "wb") as ftrain, open(val_path, "wb") as fval:
         # Runs of consecutive blocks with the same destination are copied in steps of at most COPY_TOKENS.
         n_blocks = -(-n_tokens // block)
         i = 0
@@ -91,12 +92,13 @@ def split_train_val(src: Path, n_tokens: int, dtype: np.dtype, val_fraction: flo
             while j < n_blocks and (val_fraction > 0 and is_val_block(j, val_fraction)) == to_val \
                     and (j - i) * block < COPY_TOKENS:
                 j += 1
-            chunk = src_tokens[i * block: min(j * block, n_tokens)]
-            (fval if to_val else ftrain).write(np.ascontiguousarray(chunk).tobytes())
+            count = min(j * block, n_tokens) - i * block
+            fsrc.seek(i * block * itemsize)
+            (fval if to_val else ftrain).write(fsrc.read(count * itemsize))
             if to_val:
-                n_val += len(chunk)
+                n_val += count
             else:
-                n_train += len(chunk)
+                n_train += count
             i = j
     return n_train, n_val, block
 
