@@ -11,10 +11,10 @@ import pytest
 from pypdf import PdfReader, PdfWriter
 
 from utils.corpus import PIECE_CHARS, FileRecord, CorpusFile, read_file, split_pieces, walk
-from utils.dataset import _is_empty_dir, builtin_corpus_root, DirSource, prepare_dataset
+from utils.dataset import DirSource, Encoder, _is_empty_dir, builtin_corpus_root, prepare_dataset
 from utils.errors import DataError
 from utils.readers import html_to_text
-from utils.shards import is_val_block
+from utils.shards import TokenWriter, is_val_block, open_tokens
 from utils.tokenizer import Tokenizer
 
 VOCAB = 600
@@ -347,3 +347,27 @@ def test_50mb_single_line_is_read_in_bounded_memory(tmp_path):
     assert r["status"] == "loaded" and r["chars"] == n_chars
     tail = data.tokenizer.decode(all_tokens(data)[-200:].tolist())
     assert tail.endswith(unit + data.tokenizer.eot_token)
+
+
+def test_a_document_failing_half_way_is_taken_back(tmp_path):
+    tok = Tokenizer.train(["alpha beta gamma delta " * 50], vocab_size=300)
+
+    def failing():
+        yield "alpha beta " * 20
+        yield "gamma delta " * 20
+        raise OSError(5, "Input/output error")
+
+    writer = TokenWriter(tmp_path / "t.bin", np.uint16)
+    enc = Encoder(tok, writer, batch_chars=100)          # tiny batches: the failing file is partly written
+    recs = [FileRecord(f"f{i}", "text") for i in range(4)]
+    enc.add(recs[0], iter(["alpha " * 30]))
+    enc.add(recs[1], failing())
+    enc.add(recs[2], iter([" \n\t "]))
+    enc.add(recs[3], iter(["delta gamma " * 10, "beta"]))
+    enc.flush()
+    writer.close()
+    ids = open_tokens(tmp_path / "t.bin", "uint16", writer.n_tokens).tolist()
+    assert tok.decode(ids) == "alpha " * 30 + tok.eot_token + "delta gamma " * 10 + "beta" + tok.eot_token
+    assert recs[1].status == "skipped" and recs[1].reason.startswith("unreadable") and recs[1].tokens == 0
+    assert recs[2].reason == "empty (whitespace only)"
+    assert recs[0].tokens + recs[3].tokens == len(ids) and recs[3].chars == 124

@@ -160,9 +160,11 @@ class Encoder:
         self.pending_chars = 0
         self.doc_first = None      # index in pending of the current document's first piece
         self.doc_start = None      # token position of the current document, once part of it is written
+        self.doc_tokens = 0        # tokens of the current document written so far
 
     def add(self, rec: FileRecord, pieces: Iterator[str]) -> None:
-        self.doc_first, self.doc_start = len(self.pending), None
+        """Queues one document (its pieces, then end-of-text), encoding whenever a batch is full."""
+        self.doc_first, self.doc_start, self.doc_tokens = len(self.pending), None, 0
         has_text, chars = False, 0
         try:
             for piece in pieces:
@@ -190,9 +192,10 @@ class Encoder:
         else:
             del self.pending[self.doc_first:]
         self.pending_chars = sum(len(p) for _, p in self.pending if p)
-        if rec.type == "hf_dataset":       # one bad row does not skip the whole dataset
-            return
-        rec.skip(reason)
+        rec.tokens -= self.doc_tokens
+        self.doc_first = None
+        if rec.type != "hf_dataset":       # a dataset's record is shared by its rows: one bad row is not all
+            rec.skip(reason)
 
     def flush(self) -> None:
         if not self.pending:
@@ -209,6 +212,8 @@ class Encoder:
             parts.append(ids)
             position += len(ids)
             rec.tokens += len(ids)
+            if self.doc_first is not None and i >= self.doc_first:
+                self.doc_tokens += len(ids)
         self.writer.write(np.concatenate(parts))
         self.pending, self.pending_chars = [], 0
         if self.doc_first is not None:
