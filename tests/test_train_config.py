@@ -83,9 +83,15 @@ def test_bad_config_files(tmp_path, content, match):
         resolve_config({}, str(f), device_type="cpu")
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_or_unreadable_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_config({}, str(tmp_path / "nope.json"), device_type="cpu")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00\x81{")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        resolve_config({}, str(binary), device_type="cpu")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        resolve_config({}, str(tmp_path), device_type="cpu")      # a folder, not a file
 
 
 def test_cli_parsing_returns_only_given_flags():

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -263,16 +265,26 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
 # ----------------------------------------------------------------------------------------------------------
 # Command line: one --flag per TrainConfig field, plus --config. Only flags the user typed are returned.
 
+def field_comments() -> dict[str, str]:
+    """key -> the comment beside the field in TrainConfig (the --help text)."""
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a Mamba language model. Settings combine: training preset < VRAM preset < "
-                    "--config JSON < these flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "--config JSON < these flags. Presets may change the defaults shown here.")
     p.add_argument("--config", default=None, help="JSON file of settings (keys as the flags below)")
     defaults = TrainConfig()
+    comments = field_comments()
     for name, (base, optional) in field_types().items():
         flag = f"--{name}"
-        help_ = f"(default: {getattr(defaults, name)!r})"
+        help_ = f"{comments.get(name, '')} (default: {getattr(defaults, name)!r})".replace("%", "%%").strip()
         if name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default=argparse.SUPPRESS,
                            help="resume the newest complete checkpoint (of --run_name/--out_dir if given, "

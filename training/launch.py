@@ -144,8 +144,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         if not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{str(init_dir)!r} has no tokenizer.json; a checkpoint must carry the tokenizer its "
                               f"model was trained with")
-        tokenizer = Tokenizer.load(init_dir) if (init_dir / "tokenizer_meta.json").is_file() \
-            else Tokenizer.from_pretrained(str(init_dir))
+        tokenizer = Tokenizer.load(init_dir)
 
     # -- data: rank 0 prepares (or reuses) the shards, the others then read them
     if dist.enabled and not dist.is_main:
@@ -224,6 +223,7 @@ def _peek(config_file: str) -> dict:
 def main(argv=None) -> int:
     """python train.py [flags]. Returns the exit code."""
     overrides, config_file = parse_args(argv)
+    trainer = None
     try:
         trainer = setup(overrides, config_file)
         summary = trainer.train()
@@ -233,6 +233,10 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        where = f" in {trainer.run_dir}; continue with --resume" if trainer is not None else ""
+        print(f"\ninterrupted: the newest complete checkpoint is intact{where}", file=sys.stderr)
+        return 130
     finally:
         dist_utils.teardown()
     if trainer.dist.is_main:
