@@ -165,6 +165,13 @@ def test_out_of_memory_halves_the_micro_batch(corpus, tmp_path):
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
     assert trainer.training_state()["micro_split"] == 1
 
+    def no_memory(x, targets=None, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    trainer.model.forward = no_memory
+    with pytest.raises(TrainingStopped, match="out of GPU memory at micro-batch 1"):
+        trainer.train_step(1e-3)
+
 
 def test_failed_checkpoint_write_keeps_training(corpus, tmp_path, monkeypatch, capsys):
     trainer = setup(_overrides(corpus, tmp_path / "full", max_steps=6))

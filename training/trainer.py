@@ -153,18 +153,19 @@ class Trainer:
                 loss = self._forward_backward(batches)
                 break
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.micro_split == 1:
-                    raise TrainingStopped(
-                        f"out of GPU memory at micro-batch 1 (seq_len {self.cfg.seq_len}); use a smaller "
-                        f"--seq_len or --model_size, --gradient_checkpointing, or a larger --vram card") from None
-                self.micro_split = max(1, self.micro_split // 2)
-                passes = self.cfg.grad_accum_steps * math.ceil(self.cfg.micro_batch_size / self.micro_split)
-                self.log(f"\nout of GPU memory at step {self.step + 1}: micro-batch halved to {self.micro_split}, "
-                         f"{passes} passes per step (same {self.cfg.tokens_per_step:,} tokens per step); "
-                         f"redoing the step")
+                pass    # handled below, outside the except block, whose traceback still holds the failed pass
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.micro_split == 1:
+                raise TrainingStopped(
+                    f"out of GPU memory at micro-batch 1 (seq_len {self.cfg.seq_len}); use a smaller "
+                    f"--seq_len or --model_size, --gradient_checkpointing, or a larger --vram card")
+            self.micro_split = max(1, self.micro_split // 2)
+            passes = self.cfg.grad_accum_steps * math.ceil(self.cfg.micro_batch_size / self.micro_split)
+            self.log(f"\nout of GPU memory at step {self.step + 1}: micro-batch halved to {self.micro_split}, "
+                     f"{passes} passes per step (same {self.cfg.tokens_per_step:,} tokens per step); "
+                     f"redoing the step")
 
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
