@@ -1,0 +1,12 @@
+"""Training: settings, the loop, checkpoints. One job per module:
+
+    config.py      TrainConfig and how presets, a JSON file and flags combine (ConfigError for bad input)
+    launch.py      what `python train.py` does: set-up, start-up summary, exit codes
+    trainer.py     the loop: accumulation, clipping, non-finite skips, OOM fallback, eval, checkpoints
+    optim.py       AdamW parameter groups and the warmup + cosine schedule
+    precision.py   device, autocast dtype and GradScaler
+    memory.py      the peak-memory estimate and the fit check
+    checkpoint.py  atomic checkpoint folders, finding and loading them
+    metrics.py     metrics.jsonl, loss.png, optional wandb / tensorboard
+    distributed.py DDP under torchrun
+"""
