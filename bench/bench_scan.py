@@ -8,7 +8,8 @@ Shapes are batch x L x d_inner x d_state. Every call is a Mamba mixer's: delta_b
 "speed vs chunked" is chunked's time divided by the backend's (above 1: faster than chunked). On CUDA times are
 triton.testing.do_bench medians and the floor column is the memory-traffic floor of ../shared/ANCHORS.md: every
 input read once and every output written once at 3.0 TB/s (backward: reads u, delta, z, B, C, dy; writes du,
-delta's grad, dz, dB, dC). On the CPU times are time.perf_counter medians after one warm-up call.
+delta's grad, dz, dB, dC). On the CPU times are time.perf_counter medians after one warm-up call, the backends
+taking turns within each repeat.
 """
 from __future__ import annotations
 
@@ -77,22 +78,23 @@ def floor_ms(batch, seqlen, d_inner, d_state, elem_bytes, backward):
     return (fwd + (bwd if backward else 0)) / FLOOR_BYTES_PER_S * 1e3
 
 
-def timer(device: torch.device, repeat: int):
+def time_backends(fns: dict, device: torch.device, repeat: int) -> dict:
+    """Median ms per backend. On the CPU the backends take turns within each repeat, so that a load change on a
+    shared machine hits them alike; on CUDA each gets triton.testing.do_bench."""
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, rep=max(25, 25 * repeat), return_mode="median")
-
-    def cpu_median_ms(fn):
+        return {name: triton.testing.do_bench(fn, rep=max(25, 25 * repeat), return_mode="median")
+                for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()                                                           # warm-up
-        times = []
-        for _ in range(repeat):
+    for _ in range(repeat):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median_ms
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run_backend(inputs, backend, dy, backward):
@@ -157,7 +159,6 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    bench = timer(device, args.repeat)
     elem_bytes = torch.finfo(dtype).bits // 8
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"selective scan, {where}, torch {torch.__version__}, inputs {dtype}, delta_softplus + delta_bias + D + z")
@@ -171,10 +172,9 @@ def main(argv=None):
         dy = torch.randn_like(inputs[0])
         for mode in modes:
             backward = mode == "fwd+bwd"
-            times, outs = {}, {}
-            for name in backends:
-                outs[name] = run_backend(inputs, name, dy, backward)
-                times[name] = bench(lambda: run_backend(inputs, name, dy, backward))
+            outs = {name: run_backend(inputs, name, dy, backward) for name in backends}
+            fns = {name: (lambda name=name: run_backend(inputs, name, dy, backward)) for name in backends}
+            times = time_backends(fns, device, args.repeat)
             for name in backends:
                 ratio = f"{times['chunked'] / times[name]:.2f}x" if "chunked" in times else "-"
                 row = f"{'x'.join(map(str, shape)):>22} {mode:>8} {name:>8} {times[name]:>10.3f} {ratio:>17}"
