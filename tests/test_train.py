@@ -1,5 +1,6 @@
 """train.py end to end on the CPU with the tiny model: exact resume, crashes, non-finite steps, OOM fallback,
 bad input, and checkpoints that our loader and transformers both open."""
+import importlib.util
 import json
 import math
 import os
@@ -214,6 +215,10 @@ def test_bad_input_exits_2_without_traceback(corpus, tmp_path, capsys):
         assert main(argv + ["--no-progress"]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err and __import__("re").search(match, err), err
+
+    if importlib.util.find_spec("wandb") is None:       # asked for a logger that is not installed
+        assert main(args(corpus, tmp_path / "wandb", "--wandb", "--max_steps", "1")) == 2
+        assert "needs the wandb package" in capsys.readouterr().err
 
     # a checkpoint of another model shape: train tiny, then resume it as small
     assert main(args(corpus, tmp_path / "shape", "--max_steps", "1")) == 0

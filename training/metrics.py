@@ -14,6 +14,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .config import ConfigError
+
 matplotlib.use("Agg")   # files only: no display needed, on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -32,13 +34,14 @@ class MetricsLogger:
         self._wandb = self._tb = None
         if wandb:
             if importlib.util.find_spec("wandb") is None:
-                raise RuntimeError("--wandb needs the wandb package: pip install wandb")
+                raise ConfigError("--wandb needs the wandb package, which is not installed: pip install wandb")
             import wandb as wandb_mod
             self._wandb = wandb_mod.init(project="mamba-trainer", name=self.run_dir.name, config=config,
                                          resume="allow")
         if tensorboard:
             if importlib.util.find_spec("tensorboard") is None:
-                raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard")
+                raise ConfigError("--tensorboard needs the tensorboard package, which is not installed: "
+                                  "pip install tensorboard")
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
