@@ -54,21 +54,29 @@ def throughput(args):
         "tokenizers encode_batch (with offsets)": lambda: tok.backend.encode_batch(pieces, add_special_tokens=False),
         "one text at a time (Tokenizer.encode)": lambda: [tok.encode(p) for p in pieces],
     }
+    print(f"load average (1/5/15 min) at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"built-in corpus: {len(pieces)} pieces, {chars / 1e6:.1f} M chars, {n_tokens / 1e6:.2f} M tokens; "
           f"BPE training ({DEFAULT_VOCAB_SIZE}) {train_s:.1f} s; {os.cpu_count()} CPUs")
-    base = None
-    for name, fn in ways.items():
-        times = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
+    # Rounds interleave the three ways, so a burst of load from other processes hits them alike.
+    times = {name: [] for name in ways}
+    cpu = {name: [] for name in ways}
+    for _ in range(args.repeat):
+        for name, fn in ways.items():
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    base = None
+    for name in ways:
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
         base = base or med
-        print(f"{name:<45} {med:7.2f} s  {n_tokens / med / 1e6:6.2f} M tokens/s  {med / base:5.2f}x the time")
+        print(f"{name:<45} {med:7.2f} s  {n_tokens / med / 1e6:6.2f} M tokens/s  {med / base:5.2f}x the time  "
+              f"(CPU {med_cpu:.2f} s: {n_tokens / med_cpu / 1e6:.2f} M tokens per CPU-second)")
+    print(f"load average (1/5/15 min) at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def prepare(args):
+    print(f"load average (1/5/15 min) at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         for streaming in (False, True):
             t = time.perf_counter()
@@ -76,7 +84,10 @@ def prepare(args):
                                    log=lambda s: None)
             dt = time.perf_counter() - t
             tot = data.totals
-            print(f"built-in corpus, {'streaming' if streaming else 'in-memory'}: {dt:.1f} s for "
+            again = time.perf_counter()
+            assert prepare_dataset(cache_dir=tmp, streaming=streaming, show_progress=False, log=lambda s: None).reused
+            again = time.perf_counter() - again
+            print(f"built-in corpus, {'streaming' if streaming else 'in-memory'}: {dt:.1f} s (reused: {again:.2f} s) for "
                   f"{tot['loaded']} files, {tot['chars'] / 1e6:.1f} M chars, {tot['tokens'] / 1e6:.2f} M tokens "
                   f"({tot['tokens'] / dt / 1e6:.2f} M tokens/s end to end, BPE training included)")
 

@@ -35,7 +35,7 @@ from utils.tokenizer import Tokenizer, check_vocab_size
 FORMAT = 1                    # bump when the prepared layout or the tokenisation rules change
 DEFAULT_VAL_FRACTION = 0.01
 MEMORY_BUDGET = 1 << 30       # corpora bigger than this (bytes on disk) are streamed
-BATCH_CHARS = 1 << 21         # characters tokenised per encode_batch call (sets the streaming working set)
+BATCH_CHARS = 1 << 20         # characters tokenised per encode_batch call (sets the streaming working set)
 TRAIN_MAX_CHARS = 1 << 28     # the BPE is trained on at most ~256M characters, spread evenly over the corpus
 BUILTIN_SUFFIXES = (".py", ".rst", ".txt")
 PLACEHOLDERS = {"README.md", ".gitkeep", ".gitignore"}   # an otherwise empty data/ counts as empty
