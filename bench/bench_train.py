@@ -134,7 +134,8 @@ def speed(args):
                                   "micro_batch_size": args.micro_batch_size, "grad_accum_steps": 1,
                                   "seq_len": args.seq_len, "gradient_checkpointing": ckpt_on, "scan_backend": backend,
                                   "compile": args.compile},
-                                 device_type="cuda", total_memory_bytes=torch.cuda.get_device_properties(0).total_memory)
+                                 device_type="cuda",
+                                 total_memory_bytes=torch.cuda.get_device_properties(device).total_memory)
             _reset()
             trainer = _trainer(cfg, backend, data, device, Path(args.out) / f"speed-{backend}")
             for _ in range(args.warmup):
@@ -147,7 +148,8 @@ def speed(args):
                 times.append(time.perf_counter() - t0)
             tokens = cfg.micro_batch_size * cfg.seq_len
             row = {"model_size": args.model_size, "backend": backend, "checkpointing": ckpt_on,
-                   "batch": f"{cfg.micro_batch_size}x{cfg.seq_len}", "tokens_per_s": round(tokens / statistics.median(times)),
+                   "batch": f"{cfg.micro_batch_size}x{cfg.seq_len}",
+                   "tokens_per_s": round(tokens / statistics.median(times)),
                    "ms_per_step": round(1000 * statistics.median(times), 1),
                    "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
             out.append(row)
