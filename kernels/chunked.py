@@ -1,46 +1,57 @@
 """The selective scan in pure PyTorch, fast on CPUs and usable on GPUs without Triton.
 
-Same equations as kernels/reference.py (b: batch, d: d_inner, l: length, n: d_state):
+Same equations as kernels/reference.py (b: batch, d: d_inner, l: length, n: d_state, T: steps per chunk):
 
-    dA_t = exp(delta_t * A)            (b, d, n)   every exponent is delta_t * A <= 0: never a cumulative sum
+    dA_t = exp(delta_t * A)            every exponent is delta_t * A <= 0: never the exp of a cumulative sum
     h_t  = dA_t * h_{t-1} + delta_t * B_t * u_t
     y_t  = <h_t, C_t> + D * u_t;   y_t = y_t * silu(z_t)
 
 How it is split: the sequence is cut into chunks of T steps. Inside a chunk everything that does not depend on the
-previous state is computed at once, as (T, b, d, n) tensors in time-major layout (dA, delta*B*u, C*dy); only the
-recurrence itself, one fused multiply-add per step on a contiguous (b, d, n) slice, runs in order. Across chunks
-the state is carried sequentially. Working memory is a few (T, b, d, n) buffers whatever L is; the forward keeps
-the state at each chunk start (l/T states per channel), and the backward, a hand-written autograd Function,
-recomputes each chunk's states from there, runs the adjoint recurrence in reverse time, and turns it into every
-input's gradient with small matmuls. The state and all arithmetic are fp32 whatever the input dtype.
+previous state is computed at once as (b, T, n, d) tensors (dA, delta*B*u, C*dy: one broadcast op each); only the
+recurrence itself, one in-place multiply-add per step on a (b, n, d) slice, runs in order; y and the gradients of
+B, C and delta*u are small batched matmuls over the chunk. Across chunks the state is carried sequentially.
+Working memory is three (b, T, n, d) buffers whatever L is. The forward keeps only the state at each chunk start
+(l/T states per channel); the backward (a hand-written autograd Function) recomputes each chunk's states from
+there, runs the adjoint recurrence dh_t = C_t dy_t + dA_{t+1} dh_{t+1} in reverse time, and forms every input's
+gradient from it. State and arithmetic are fp32 whatever the input dtype.
 
-What was measured (this 2-core AVX-512 CPU, 2 threads; batch 4, d_inner 1024, d_state 16, L 1024, fp32, forward;
-bench/bench_scan.py and the scratch runs quoted here):
-  - small sequential inner loop (what this file does): the per-step multiply-add on 64K contiguous floats is cache
-    resident and costs ~20 us, so the whole sequential part is ~25 ms; the chunk-wide exp and products are
-    bandwidth bound. Forward ~0.1 s, forward+backward ~0.4 s; ref: forward 0.2 s, forward+backward 4.2 s.
-  - log-depth doubling scan inside the chunk (Hillis-Steele, log2 T passes of (a, b) composition over the chunk):
-    log2(T) times more elementwise work than the sequential loop, and it was 2-3x slower at T = 16..64.
-  - masked segment-sum form (exp of within-chunk differences of cumulative log-decays, masked to s <= t):
-    because Mamba-1's decay differs per state channel the decay matrix is (T, T) per (b, d, n), T times the work
-    and memory of the loop; 5-10x slower at T = 8..32, and slower still for larger T.
-  - chunk size: buffers of about 1M floats (4 MB, about the L2) were best; see _chunk_len.
+Layout: channels-last, (b, l, d) with d innermost, so every broadcast runs along long contiguous rows. The model's
+z and the gradients arriving from its (b, l, d) projections are transposed views of such storage, so converting
+them is free; y and the input gradients are returned as (b, d, l) views of (b, l, d) storage.
+
+Within-chunk formulations measured (this 2-core AVX-512 CPU, one thread, CPU time of the forward over a whole
+(b 4, L 512, d 512, n 16) sequence, the training benchmark's per-layer shape; same results to 2e-6):
+                                             T = 8      T = 16     T = 32
+    small sequential inner loop (this file)  16.5 ms    19.0 ms    19.6 ms
+    log-depth doubling (Hillis-Steele)       68.7 ms    101.7 ms   133.5 ms   log2(T) passes over the chunk
+    masked segment-sum (exp of differences   703 ms     2555 ms    4908 ms    a (T, T) decay matrix per (b, n, d):
+      of within-chunk cumulative log-decays)                                  T times the work of the loop
+The loop wins because Mamba-1's decay differs per state channel: the matmul-friendly segment-sum form of Mamba-2
+has no shared (T, T) matrix to multiply with here, and the per-step op on 32K-64K contiguous floats costs ~10 us,
+little more than its memory traffic. Chunk length T = 4..32 was within 10% (see _chunk_len). Earlier versions:
+a time-major (T, b, d, n) layout fed by strided (b, d, l) slices was 1.7x slower (strided broadcasts and the
+matvec over n = 16); recomputing the transposes and softplus in the backward cost another 10%.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-# Elements per (b, T, n, d) working buffer: T = _CHUNK_ELEMENTS // (b * n * d), clamped to [1, 64].
-_CHUNK_ELEMENTS = 1 << 19
+# Elements per (b, T, n, d) working buffer: T = budget // (b * n * d), clamped to [1, 64]. On a CPU about an L2
+# cache's worth (T = 4..32 measured within 10% of each other at the bench shapes); on a GPU, where each op is a
+# kernel launch, chunks as long as memory comfortably allows.
+_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
+_MAX_CHUNK = 64
 
 
-def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: int | None) -> int:
+def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: int | None,
+               device_type: str = "cpu") -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         return min(chunk_size, max(seqlen, 1))
-    return max(1, min(max(seqlen, 1), 64, _CHUNK_ELEMENTS // max(batch * d_inner * d_state, 1)))
+    budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS["cpu"])
+    return max(1, min(max(seqlen, 1), _MAX_CHUNK, budget // max(batch * d_inner * d_state, 1)))
 
 
 def _channels_last(x):
@@ -226,7 +237,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         y: (b, d, l) in u's dtype; with return_last_state also h_L: (b, d, n) fp32
     """
     batch, d_inner, seqlen = u.shape
-    chunk = _chunk_len(seqlen, batch, d_inner, A.shape[1], chunk_size)
+    chunk = _chunk_len(seqlen, batch, d_inner, A.shape[1], chunk_size, u.device.type)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         y, h_last = _ChunkedScan.apply(*inputs, delta_softplus, chunk)
