@@ -248,10 +248,14 @@ def main(argv=None) -> int:
     print(f"[{ckpt}: {model.num_parameters() / 1e6:.1f}M parameters on {device}, {str(dtype).split('.')[-1]}; "
           f"seed {seed}]", file=sys.stderr)
     gen = Session(model, tokenizer, args, params, device, seed)
-    if prompts is None:
-        interactive(gen)
-    else:
-        gen.run(prompts)
+    try:
+        if prompts is None:
+            interactive(gen)
+        else:
+            gen.run(prompts)
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     return 0
 
 
