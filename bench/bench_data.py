@@ -27,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE  # noqa: E402
-from utils.corpus import read_file, split_pieces  # noqa: E402
 from utils.dataset import DirSource, builtin_corpus_root, prepare_dataset  # noqa: E402
-from utils.readers import Skip  # noqa: E402
 from utils.tokenizer import Tokenizer  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from utils.corpus import PIECE_CHARS, FileRecord, CorpusFile, read_file, split_pieces, walk
+from utils.corpus import PIECE_CHARS, CorpusFile, FileRecord, read_file, split_pieces
 from utils.dataset import DirSource, Encoder, _is_empty_dir, builtin_corpus_root, prepare_dataset
 from utils.errors import DataError
 from utils.readers import html_to_text

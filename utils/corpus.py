@@ -9,7 +9,6 @@ points depend only on the text, never on how it was read, so the streaming and i
 the same pieces and produce the same tokens.
 """
 import codecs
-import hashlib
 import os
 import stat
 from dataclasses import asdict, dataclass, field
@@ -157,14 +156,6 @@ def walk(root: Path, include_hidden: bool = False, skip_dirs: Iterable[str] = SK
     else:
         visit_file(root, root.name, st)
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- decoding

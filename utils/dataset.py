@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE
 from utils import hf_datasets
-from utils.corpus import CorpusFile, FileRecord, Walk, file_sha256, read_file, split_pieces, walk
+from utils.corpus import CorpusFile, FileRecord, Walk, read_file, split_pieces, walk
 from utils.errors import DataError
 from utils.readers import Skip
 from utils.shards import (TokenWriter, file_checksum, open_tokens, read_json, split_train_val, token_dtype,
@@ -82,7 +82,7 @@ class DirSource:
         return [[f.rel, f.size, f.mtime_ns] for f in self.walked.files]
 
     def sha256_of(self, rel: str) -> str:
-        return file_sha256(self.root / rel if self.root.is_dir() else self.root)
+        return file_checksum(self.root / rel if self.root.is_dir() else self.root)
 
     def skipped(self) -> list[FileRecord]:
         return [FileRecord(**r.to_dict()) for r in self.walked.skipped]
@@ -131,7 +131,7 @@ class HFSource:
         return out
 
     def sha256_of(self, path: str) -> str:
-        return file_sha256(Path(path))
+        return file_checksum(Path(path))
 
     def skipped(self) -> list[FileRecord]:
         return []

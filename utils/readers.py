@@ -106,7 +106,7 @@ def read_pdf(path: Path, info: dict) -> Iterator[str]:
     def page_text(i):
         try:
             return reader.pages[i].extract_text() or ""
-        except Exception as e:  # a damaged page must not lose the others
+        except Exception:  # pypdf raises many types on a damaged page; it must not lose the others
             info.setdefault("bad_pages", []).append(i + 1)
             return ""
 
