@@ -137,3 +137,12 @@ def test_rng_state_round_trip(tmp_path):
     ck.restore_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+def test_crash_between_renames_restores_best(tmp_path):
+    save(tmp_path, 1, best=True)
+    # a crash after best/ was moved aside and before the new one was renamed in (another process id)
+    os.rename(tmp_path / "best", tmp_path / ".old-best-999999")
+    save(tmp_path, 2)
+    assert ck.is_complete(tmp_path / "best") and ck.load_training_state(tmp_path / "best")["step"] == 1
+    assert not list(tmp_path.glob(".old-*"))

@@ -185,6 +185,13 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for p in run_dir.glob(".tmp-*"):
         if p.is_dir() and not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(".old-*"):   # a crash between the two renames of a replacement: put the old one back
+        if p.is_dir() and not p.name.endswith(f"-{os.getpid()}"):
+            target = run_dir / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.rename(p, target)
 
 
 # ----------------------------------------------------------------------------------------------------------
