@@ -39,17 +39,6 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> 
     return ids.to(device), mask.to(device)
 
 
-def _step_logits(model: MambaLanguageModel, token_ids, conv_states, ssm_states):
-    """model.step without its Python token counter, so that torch.compile and graph capture see only tensors.
-
-    token_ids (b,) -> logits (b, v); conv_states / ssm_states (one per layer) updated in place.
-    """
-    h = model.backbone.embeddings(token_ids)                                   # (b, d)
-    for layer, conv_state, ssm_state in zip(model.backbone.layers, conv_states, ssm_states):
-        h = layer.step(h, conv_state, ssm_state)
-    return model.lm_head(model.backbone.norm_f(h))                             # (b, v)
-
-
 class Decoder:
     """Decodes a fixed-size batch from a MambaLanguageModel; build once, reuse for many prompts of that batch size.
 
@@ -73,9 +62,9 @@ class Decoder:
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
         self.cuda_graph = cuda_graph
         self.cache = model.init_cache(batch_size)
-        self._step_fn = _step_logits
+        self._step_fn = model.step_states
         if compile:
-            self._step_fn = torch.compile(_step_logits, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(model.step_states, fullgraph=True, dynamic=False)
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)   # static input of the graph
         self._graph = None
         self._logits = None                                                    # static output of the graph (b, v)
@@ -91,11 +80,11 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._step_fn(self.model, self._tokens, self.cache.conv_states, self.cache.ssm_states)
+                self._step_fn(self._tokens, self.cache.conv_states, self.cache.ssm_states)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = self._step_fn(self.model, self._tokens, self.cache.conv_states, self.cache.ssm_states)
+            self._logits = self._step_fn(self._tokens, self.cache.conv_states, self.cache.ssm_states)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,9 +100,7 @@ class Decoder:
             raise ValueError(f"this decoder was built for batch size {self.batch_size}; "
                              f"got input_ids of shape {tuple(input_ids.shape)}")
         self.cache.seqlen_offset = 0        # forward(cache=...) overwrites every state tensor in place
-        # only the last position's logits are needed: the head over a whole long prompt would cost (b, l, v) memory
-        hidden = self.model._hidden_states(input_ids, attention_mask, self.cache)   # (b, l, d)
-        return self.model.lm_head(hidden[:, -1])                               # (b, v)
+        return self.model.prefill(input_ids, self.cache, attention_mask)      # (b, v)
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -126,7 +113,7 @@ class Decoder:
             self._graph.replay()
             logits = self._logits
         else:
-            logits = self._step_fn(self.model, token_ids, self.cache.conv_states, self.cache.ssm_states)
+            logits = self._step_fn(token_ids, self.cache.conv_states, self.cache.ssm_states)
         self.cache.seqlen_offset += 1
         return logits
 

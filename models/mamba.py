@@ -308,11 +308,23 @@ class MambaLanguageModel(nn.Module):
         if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size:
             raise ValueError(f"step() takes one token per sequence, shape ({cache.batch_size},); "
                              f"got {tuple(token_ids.shape)}")
-        h = self.backbone.embeddings(token_ids)                                # (b, d)
-        for i, layer in enumerate(self.backbone.layers):
-            h = layer.step(h, cache.conv_states[i], cache.ssm_states[i])
+        logits = self.step_states(token_ids, cache.conv_states, cache.ssm_states)
         cache.seqlen_offset += 1
+        return logits
+
+    def step_states(self, token_ids, conv_states, ssm_states):
+        """step() on the bare per-layer state tensors, with no Python bookkeeping: what a CUDA graph captures and
+        torch.compile traces (inference/decoder.py). token_ids (b,) -> logits (b, v); states updated in place."""
+        h = self.backbone.embeddings(token_ids)                                # (b, d)
+        for layer, conv_state, ssm_state in zip(self.backbone.layers, conv_states, ssm_states):
+            h = layer.step(h, conv_state, ssm_state)
         return self.lm_head(self.backbone.norm_f(h))                           # (b, v)
+
+    def prefill(self, input_ids, cache: MambaCache, attention_mask=None):
+        """Fill an empty cache from prompts in one parallel pass; return only the last position's logits (b, v)
+        (the head over a whole long prompt would cost (b, l, v) memory). Left-pad prompts of different lengths."""
+        hidden = self._hidden_states(input_ids, attention_mask, cache)        # (b, l, d)
+        return self.lm_head(hidden[:, -1])                                     # (b, v)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
 
@@ -337,8 +349,7 @@ class MambaLanguageModel(nn.Module):
         self._check_generate_args(input_ids, max_new_tokens)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)   # checks the values
         cache = self.init_cache(input_ids.shape[0], device=input_ids.device)
-        hidden = self._hidden_states(input_ids, attention_mask, cache)
-        logits = self.lm_head(hidden[:, -1])                                   # (b, v)
+        logits = self.prefill(input_ids, cache, attention_mask)              # (b, v)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = [input_ids]
         for i in range(max_new_tokens):
