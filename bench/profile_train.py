@@ -1,0 +1,67 @@
+"""Where a training step's GPU time goes: torch.profiler over forward + backward + AdamW of a Mamba LM.
+
+    python bench/profile_train.py --model_size medium --batch 8 --seq_len 2048 [--compile]
+
+Prints the operators with the most CUDA time (self), and the step's median time and tokens/s. Random tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.model_sizes import DEFAULT_VOCAB_SIZE, model_config  # noqa: E402
+from models import MambaLanguageModel  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_size", default="medium")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+
+    device = torch.device("cuda")
+    model = MambaLanguageModel(model_config(args.model_size, DEFAULT_VOCAB_SIZE, scan_backend=args.backend)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(model) if args.compile else model
+    x = torch.randint(0, DEFAULT_VOCAB_SIZE, (args.batch, args.seq_len + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = forward(inputs, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = statistics.median(times)
+    print(f"{args.model_size} b{args.batch} l{args.seq_len} compile={args.compile}: {ms:.1f} ms/step, "
+          f"{args.batch * args.seq_len / ms * 1e3:,.0f} tokens/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
