@@ -60,6 +60,13 @@ def _channels_last(x):
     return x.float().transpose(1, 2).contiguous()
 
 
+def _gate_view(z):
+    """z (b, d, l) -> (b, l, d) fp32 for the elementwise gate only: a strided view is fine as long as d is the
+    contiguous dimension (the model's z is half of its in_proj output's rows), so no copy is made then."""
+    z = z.float().transpose(1, 2)
+    return z if z.stride(-1) == 1 else z.contiguous()
+
+
 def _delta_bld(delta, delta_bias, delta_softplus):
     """delta (b, d, l) -> (b, l, d) fp32 with the bias and softplus applied, as the recurrence uses it."""
     delta = _channels_last(delta)
@@ -129,7 +136,7 @@ class _ChunkedScan(torch.autograd.Function):
         h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
              else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
         ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), B_, C_, h, chunk, save_states=True)
-        y = _epilogue(ys, u_, D, None if z is None else _channels_last(z)).to(u.dtype)    # (b, l, d)
+        y = _epilogue(ys, u_, D, None if z is None else _gate_view(z)).to(u.dtype)    # (b, l, d)
         ctx.save_for_backward(u_, delta_, A, B_, C_, D, z, states, ys)
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, B, C, delta_bias)]
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
@@ -148,7 +155,7 @@ class _ChunkedScan(torch.autograd.Function):
         # Epilogue: y = (ys + D u) * silu(z).
         grad_D = grad_z = None
         if z is not None:
-            z_ = _channels_last(z)
+            z_ = _gate_view(z)
             pre = ys if D is None else torch.addcmul(ys, u_, D.float())
             grad_z = torch.ops.aten.silu_backward(dy * pre, z_)
             dy = dy * F.silu(z_)                                             # d loss / d pre
@@ -247,6 +254,6 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
              else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
         ys, _ = _scan_forward(u_, _delta_bld(delta, delta_bias, delta_softplus), A.float().t().contiguous(),
                               _channels_last(B), _channels_last(C), h, chunk, save_states=False)
-        y = _epilogue(ys, u_, D, None if z is None else _channels_last(z)).to(u.dtype).transpose(1, 2)
+        y = _epilogue(ys, u_, D, None if z is None else _gate_view(z)).to(u.dtype).transpose(1, 2)
         h_last = h.transpose(1, 2)
     return (y, h_last) if return_last_state else y

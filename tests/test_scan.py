@@ -166,6 +166,12 @@ def test_no_grad_path_and_strided_inputs_match():
     strided.update({k: v for k, v in plain.items() if v is not None and v.dim() != 3})
     y3, h3 = selective_scan_chunked(**strided, delta_softplus=True, return_last_state=True, chunk_size=8)
     assert torch.equal(y, y3) and torch.equal(h, h3)
+    # ... and z exactly as the model makes it: the second half of in_proj's (b, l, 2d) output, seen as (b, d, l)
+    xz = torch.cat([torch.randn_like(plain["z"]), plain["z"]], dim=1).transpose(1, 2).contiguous()   # (b, l, 2d)
+    strided["z"] = xz.transpose(1, 2).chunk(2, dim=1)[1]
+    assert not strided["z"].is_contiguous()
+    y4, h4 = selective_scan_chunked(**strided, delta_softplus=True, return_last_state=True, chunk_size=8)
+    assert torch.equal(y, y4) and torch.equal(h, h4)
 
 
 def test_zero_length_sequence():
