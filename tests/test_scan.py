@@ -171,7 +171,8 @@ def test_no_grad_path_and_strided_inputs_match():
     strided["z"] = xz.transpose(1, 2).chunk(2, dim=1)[1]
     assert not strided["z"].is_contiguous()
     y4, h4 = selective_scan_chunked(**strided, delta_softplus=True, return_last_state=True, chunk_size=8)
-    assert torch.equal(y, y4) and torch.equal(h, h4)
+    assert torch.equal(h, h4)
+    assert_close(y4, y, 1e-6, "y with the model's z layout")          # silu may round differently on a strided view
 
 
 def test_zero_length_sequence():
