@@ -37,11 +37,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Elements per (b, T, n, d) working buffer: T = budget // (b * n * d), clamped to [1, 64]. On a CPU about an L2
+# Elements per (b, T, n, d) working buffer: T = budget // (b * n * d), clamped to [8, 64]. On a CPU about an L2
 # cache's worth (T = 4..32 measured within 10% of each other at the bench shapes); on a GPU, where each op is a
-# kernel launch, chunks as long as memory comfortably allows.
+# kernel launch, chunks as long as memory comfortably allows. T >= 8 keeps the saved chunk-start states (l/T per
+# channel and state) well below the l * d_state a full history would take.
 _CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
-_MAX_CHUNK = 64
+_MIN_CHUNK, _MAX_CHUNK = 8, 64
 
 
 def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: int | None,
@@ -51,7 +52,8 @@ def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: 
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         return min(chunk_size, max(seqlen, 1))
     budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS["cpu"])
-    return max(1, min(max(seqlen, 1), _MAX_CHUNK, budget // max(batch * d_inner * d_state, 1)))
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, budget // max(batch * d_inner * d_state, 1)))
+    return min(chunk, max(seqlen, 1))
 
 
 def _channels_last(x):
