@@ -26,9 +26,9 @@ runs the adjoint recurrence
 as a reverse associative scan. Its coefficient belongs to the *next* step, and register tiles cannot be shifted by
 one along time, so each element carries its own decay as a third component (see `_adjoint_combine`). Every
 gradient then comes from g_t and h_t at the same step (g_t * dA_t * h_{t-1} = g_t * (h_t - delta_t B_t u_t)).
-dB and dC are summed over the program's channels in registers and added across channel blocks with fp32 atomics
-into (b, n, l) buffers; dA, dD and d(delta_bias) are summed over the program's steps and added across batch
-elements the same way. No per-channel copy of B or C and no L*n tensor is ever written.
+dB and dC are summed over the program's channels in registers and written as one fp32 partial per channel block
+(blocks of 16+ channels), which the launcher sums; dA, dD and d(delta_bias) are summed over the program's steps
+and added across batch elements with fp32 atomics. No per-channel copy of B or C and no L*n tensor is ever written.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ SEG_CHUNKS = 16              # chunks per segment: the forward saves the state e
 # (chunk, n) elements one thread holds per tile (a larger tile spreads a channel over lanes), and warps per program.
 FWD_PER_THREAD, FWD_WARPS = 32, 1
 BWD_PER_THREAD, BWD_WARPS = 32, 1
+DOT_SUM = True               # backward: dB, dC's sum over channels on the tensor cores (see _sum_channels)
 
 
 @triton.jit
@@ -66,6 +67,22 @@ def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
     # The scan runs from the end of the chunk backwards, so the accumulated (later) segment comes first.
     p = p_early * f_late
     return f_early, p * p_late, q_early + p * q_late
+
+
+@triton.jit
+def _sum_channels(x, DOT_SUM: tl.constexpr):
+    """(BL, BN, BD) -> (BL, BN), the sum over channels. The channels sit on different lanes, and tl.sum's butterfly
+    of shuffles over every element cost a third of the backward; a product with a ones column on the tensor cores
+    (3xTF32: fp32 accuracy) does the same sum for a trip through shared memory."""
+    if DOT_SUM:
+        BL: tl.constexpr = x.shape[0]
+        BN: tl.constexpr = x.shape[1]
+        BD: tl.constexpr = x.shape[2]
+        ones = ((tl.arange(0, BD)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.float32)   # (BD, 16)
+        r = tl.dot(tl.reshape(x, (BL * BN, BD)), ones, input_precision="tf32x3")                      # (BL*BN, 16)
+        return tl.reshape(tl.sum(r, axis=1), (BL, BN))
+    else:
+        return tl.sum(x, axis=2)
 
 
 @triton.jit
@@ -168,7 +185,7 @@ def _scan_bwd_kernel(
     dim, seqlen, dstate, n_chunks, n_segs,
     s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_dyb, s_dyd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr, DOT_SUM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -194,7 +211,8 @@ def _scan_bwd_kernel(
     B_base = B_ptr + pid_b * s_Bb + offs_n[None, :] * s_Bn
     C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
     grad_td = pid_b * dim * seqlen + offs_d[None, :] * seqlen                      # du, ddelta, dz: (b, d, l)
-    grad_tn = pid_b * dstate * seqlen + offs_n[None, :] * seqlen                   # dB, dC: (b, n, l) fp32
+    # dB, dC partial sums of this channel block: (channel blocks, b, n, l) fp32.
+    grad_tn = (pid_d * tl.num_programs(0) + pid_b) * dstate * seqlen + offs_n[None, :] * seqlen
     state_offs = offs_n[:, None] + offs_d[None, :] * dstate
     # This program's scratch: the state before each chunk of the segment being processed (L2-resident).
     scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_d) * SEG_CHUNKS * BLOCK_N * BLOCK_D \
@@ -330,11 +348,11 @@ def _scan_bwd_kernel(
             tl.store(du_ptr + grad_td + t[:, None], du.to(du_ptr.dtype.element_ty), mask=mask_td)
             tl.store(ddelta_ptr + grad_td + t[:, None], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
 
-            # dB, dC: summed over this program's channels here, over channel blocks by the atomics.
-            dB = tl.sum(g * du_t[:, None, :], axis=2)                             # (BL, BN)
-            dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
-            tl.atomic_add(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
-            tl.atomic_add(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
+            # dB, dC: summed over this program's channels here, over channel blocks by the launcher.
+            dB = _sum_channels(g * du_t[:, None, :], DOT_SUM)                    # (BL, BN)
+            dC = _sum_channels(hs * dy[:, None, :], DOT_SUM)                     # (BL, BN)
+            tl.store(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
+            tl.store(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
             c -= 1
         tl.debug_barrier()             # the next segment overwrites the scratch
         seg -= 1
@@ -400,8 +418,11 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
     dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
     f32 = dict(device=u.device, dtype=torch.float32)
     dA = torch.zeros(dim, dstate, **f32)
-    dB = torch.zeros(batch, dstate, seqlen, **f32)
-    dC = torch.zeros(batch, dstate, seqlen, **f32)
+    # One partial dB and dC per channel block, summed below. (fp32 atomics into one (b, n, l) buffer were 40% of
+    # the backward on the H100: every channel block adds to the same addresses at about the same time.)
+    n_dblocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    dB = torch.empty(n_dblocks, batch, dstate, seqlen, **f32)
+    dC = torch.empty(n_dblocks, batch, dstate, seqlen, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
@@ -416,9 +437,10 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **cfg,
+        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS,
+        DOT_SUM=DOT_SUM and cfg["BLOCK_D"] >= 16 and cfg["BLOCK_L"] * cfg["BLOCK_N"] >= 16, **cfg,
     )
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+    return (du, ddelta, dA.to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
 

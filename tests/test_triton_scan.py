@@ -92,7 +92,7 @@ def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, **f
 
 @interp
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 4), (1, 3, 17, 3), (2, 6, 33, 16), (1, 4, 16, 2),
-                                   (1, 2, 5, 33)])
+                                   (1, 2, 5, 33), (1, 17, 9, 16), (1, 33, 5, 3)])
 def test_interp_fp32_all_flags(shape):
     check_scan(shape, torch.float32, "cpu", seed=sum(shape))
 
