@@ -43,6 +43,7 @@ import torch.nn.functional as F
 # channel and state) well below the l * d_state a full history would take.
 _CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
 _MIN_CHUNK, _MAX_CHUNK = 8, 64
+_TRANSPOSE_BLOCK = 32        # channels per block when copying (b, c, l) to (b, l, c) on the CPU
 
 
 def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: int | None,
@@ -57,16 +58,26 @@ def _chunk_len(seqlen: int, batch: int, d_inner: int, d_state: int, chunk_size: 
 
 
 def _channels_last(x):
-    """(b, c, l) -> (b, l, c) fp32 contiguous; free when x is already a transposed view of (b, l, c) storage,
-    as the model's z and the gradients flowing back through its (b, l, d) projections are."""
-    return x.float().transpose(1, 2).contiguous()
+    """(b, c, l) -> (b, l, c) fp32 contiguous. Free when x is already a transposed view of (b, l, c) storage, as
+    the gradients flowing back through the model's (b, l, d) projections are. Otherwise copied in blocks of
+    channels: one strided copy with power-of-two rows thrashes the cache (29 ms for 4 x 1024 x 1024 on this CPU;
+    3 ms in blocks of 32)."""
+    xt = x.transpose(1, 2)
+    if xt.is_contiguous():
+        return xt.float()
+    out = torch.empty(xt.shape, dtype=torch.float32, device=x.device)
+    if x.device.type != "cpu":
+        return out.copy_(xt)
+    for c0 in range(0, x.shape[1], _TRANSPOSE_BLOCK):
+        out[:, :, c0:c0 + _TRANSPOSE_BLOCK].copy_(xt[:, :, c0:c0 + _TRANSPOSE_BLOCK])
+    return out
 
 
 def _gate_view(z):
     """z (b, d, l) -> (b, l, d) fp32 for the elementwise gate only: a strided view is fine as long as d is the
     contiguous dimension (the model's z is half of its in_proj output's rows), so no copy is made then."""
-    z = z.float().transpose(1, 2)
-    return z if z.stride(-1) == 1 else z.contiguous()
+    zt = z.transpose(1, 2)
+    return zt.float() if zt.stride(-1) == 1 else _channels_last(z)
 
 
 def _delta_bld(delta, delta_bias, delta_softplus):
