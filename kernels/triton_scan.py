@@ -40,12 +40,14 @@ from .selective_scan import triton_interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = 2^(x log2 e): exp2 is one instruction
 
-CHUNK_LEN = 4                # time steps per chunk (BLOCK_L): one scan over a (BLOCK_L, n, BLOCK_D) register tile
-SEG_CHUNKS = 16              # chunks per segment: the forward saves the state every SEG_CHUNKS * BLOCK_L steps
+# Block sizes, chosen on the H100 at (batch 8, L 2048, d_inner 1536, d_state 16), bf16 (BENCHMARKS.md, scan-gpu).
+CHUNK_LEN = 8                # time steps per chunk (BLOCK_L): one scan over a (BLOCK_L, n, BLOCK_D) register tile
+SEG_CHUNKS = 8               # chunks per segment: the forward saves the state every SEG_CHUNKS * BLOCK_L steps
 # (chunk, n) elements one thread holds per tile (a larger tile spreads a channel over lanes), and warps per program.
+# 32 at chunk 8 and d_state 16: four lanes per channel, eight channels per one-warp program; more elements per
+# thread spilled in the backward, fewer left too few channels per program to pay for the sums over them.
 FWD_PER_THREAD, FWD_WARPS = 32, 1
 BWD_PER_THREAD, BWD_WARPS = 32, 1
-DOT_SUM = True               # backward: dB, dC's sum over channels on the tensor cores (see _sum_channels)
 
 
 @triton.jit
@@ -67,22 +69,6 @@ def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
     # The scan runs from the end of the chunk backwards, so the accumulated (later) segment comes first.
     p = p_early * f_late
     return f_early, p * p_late, q_early + p * q_late
-
-
-@triton.jit
-def _sum_channels(x, DOT_SUM: tl.constexpr):
-    """(BL, BN, BD) -> (BL, BN), the sum over channels. The channels sit on different lanes, and tl.sum's butterfly
-    of shuffles over every element cost a third of the backward; a product with a ones column on the tensor cores
-    (3xTF32: fp32 accuracy) does the same sum for a trip through shared memory."""
-    if DOT_SUM:
-        BL: tl.constexpr = x.shape[0]
-        BN: tl.constexpr = x.shape[1]
-        BD: tl.constexpr = x.shape[2]
-        ones = ((tl.arange(0, BD)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.float32)   # (BD, 16)
-        r = tl.dot(tl.reshape(x, (BL * BN, BD)), ones, input_precision="tf32x3")                      # (BL*BN, 16)
-        return tl.reshape(tl.sum(r, axis=1), (BL, BN))
-    else:
-        return tl.sum(x, axis=2)
 
 
 @triton.jit
@@ -185,7 +171,7 @@ def _scan_bwd_kernel(
     dim, seqlen, dstate, n_chunks, n_segs,
     s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_dyb, s_dyd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr, DOT_SUM: tl.constexpr,
+    HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -234,6 +220,9 @@ def _scan_bwd_kernel(
         c_end = tl.minimum(c_first + SEG_CHUNKS, n_chunks)
         h = tl.load(seg_ptr + (pid_b * n_segs + seg) * dim * dstate + state_offs, mask=mask_nd, other=0.0)
         c = c_first
+        if SEG_CHUNKS == 1:
+            c = c_end          # one chunk per segment: its saved state is all the backward needs
+            tl.store(scratch, h)
         mask_td = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_d[None, :]
         mask_tn = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_n[None, :]
         u_next = tl.load(u_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_td, other=0.0)
@@ -349,8 +338,8 @@ def _scan_bwd_kernel(
             tl.store(ddelta_ptr + grad_td + t[:, None], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
 
             # dB, dC: summed over this program's channels here, over channel blocks by the launcher.
-            dB = _sum_channels(g * du_t[:, None, :], DOT_SUM)                    # (BL, BN)
-            dC = _sum_channels(hs * dy[:, None, :], DOT_SUM)                     # (BL, BN)
+            dB = tl.sum(g * du_t[:, None, :], axis=2)                             # (BL, BN)
+            dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
             tl.store(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
             tl.store(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
             c -= 1
@@ -437,8 +426,7 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS,
-        DOT_SUM=DOT_SUM and cfg["BLOCK_D"] >= 16 and cfg["BLOCK_L"] * cfg["BLOCK_N"] >= 16, **cfg,
+        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **cfg,
     )
     return (du, ddelta, dA.to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz,
