@@ -6,22 +6,18 @@
 Defaults are the configuration of ../shared/ANCHORS.md's pure-PyTorch CPU peers: a Mamba LM of d_model 256 x 4
 layers, d_state 16, vocabulary 8192, batch 4 x 512 tokens, fp32, 2 threads, median of 3 steps after one warm-up
 step. "ref" is left out by default (it is the spec, not a training path); add it with --backends.
-
-THP_MEM_ALLOC_ENABLE=1 (PyTorch's switch for transparent huge pages on its CPU allocations) is set unless the
-environment already sets it: on this VM a fresh 4 KB page faults in at ~12 us, which made steps 1-20x slower and
-erratic without it. Run with THP_MEM_ALLOC_ENABLE=0 to measure without.
+On a machine shared with other jobs the 2-thread figures swing widely (every parallel op waits for both threads);
+compare backends in one run, at a quiet time.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")    # read once by torch's allocator: set before importing torch
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import available_backends  # noqa: E402
@@ -61,8 +57,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     tokens = args.batch_size * args.seq_len
-    print(f"CPU train step, {args.threads} threads, torch {torch.__version__}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}: d_model {args.d_model} x "
+    print(f"CPU train step, {args.threads} threads, torch {torch.__version__}: d_model {args.d_model} x "
           f"{args.n_layer} layers, d_state {args.d_state}, vocab {args.vocab_size}, batch {args.batch_size} x "
           f"{args.seq_len}, fp32, AdamW")
     print(f"{'backend':>8} {'step s (median)':>16} {'tokens/s':>10}   steps (s)")
