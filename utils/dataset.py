@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE
 from utils import hf_datasets
-from utils.corpus import CorpusFile, FileRecord, Walk, read_file, split_pieces, walk
+from utils.corpus import PIECE_CHARS, CorpusFile, FileRecord, Walk, read_file, split_pieces, walk
 from utils.errors import DataError
 from utils.readers import Skip
 from utils.shards import (TokenWriter, file_checksum, open_tokens, read_json, split_train_val, token_dtype,
@@ -343,7 +343,7 @@ def prepare_dataset(data_dir: str | Path | None = None, hf_dataset: str | None =
 
     # -- the prepared folder: cache_dir/<label>-<hash of what determines the tokens>
     identity = {"format": FORMAT, "source": source.identity(), "val_fraction": val_fraction,
-                "tokenizer": _tokenizer_identity(tokenizer, vocab_size)}
+                "piece_chars": PIECE_CHARS, "tokenizer": _tokenizer_identity(tokenizer, vocab_size)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.label())[:40] + "-" + digest
     out_dir = cache_dir / key
