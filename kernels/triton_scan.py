@@ -358,7 +358,8 @@ def _config(dim: int, dstate: int, seqlen: int, per_thread: int, warps: int) -> 
     per_thread elements, so that the scan over time and the sum over n stay inside the thread (or a few lanes);
     a program is `warps` warps of such threads."""
     block_n = triton.next_power_of_2(dstate)
-    block_l = min(CHUNK_LEN, triton.next_power_of_2(max(seqlen, 1)))
+    # Shorter chunks for large n, so that a channel's tile fits a warp (the forward and backward must agree on it).
+    block_l = min(CHUNK_LEN, triton.next_power_of_2(max(seqlen, 1)), max(1, 1024 // block_n))
     lanes_per_channel = max(1, min(32, block_n * block_l // per_thread))
     block_d = max(1, min(warps * 32 // lanes_per_channel, triton.next_power_of_2(dim)))
     return dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,

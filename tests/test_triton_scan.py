@@ -92,7 +92,7 @@ def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, **f
 
 @interp
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 7, 4), (1, 3, 17, 3), (2, 6, 33, 16), (1, 4, 16, 2),
-                                   (1, 2, 5, 33), (1, 17, 9, 16), (1, 33, 5, 3)])
+                                   (1, 2, 5, 33), (1, 17, 9, 16), (1, 33, 5, 3), (1, 2, 9, 256)])
 def test_interp_fp32_all_flags(shape):
     check_scan(shape, torch.float32, "cpu", seed=sum(shape))
 
@@ -175,6 +175,36 @@ def test_triton_needs_cuda_or_interpreter():
     u, delta, A, B, C, *_ = make_inputs(1, 2, 3, 2, torch.float32, "cpu", 0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         selective_scan(u, delta, A, B, C, backend="triton")
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
+@pytest.mark.parametrize("dim,dstate,seqlen,flags", [(1536, 16, 2048, True), (24, 5, 97, False), (8, 256, 129, True)])
+def test_kernels_compile_for_hopper(dim, dstate, seqlen, flags):
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile them for sm_90 here (no GPU needed,
+    Triton ships ptxas) so that a kernel the compiler rejects fails CI, not the first GPU run."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.triton_scan as ts
+    from kernels.triton_state_update import _state_update_kernel
+
+    def compile_kernel(fn, constexprs, num_warps):
+        io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr",
+              "x_ptr", "dt_ptr")
+        signature = {name: "constexpr" if name in constexprs else ("*bf16" if name in io else "*fp32")
+                     if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert len(kernel.asm["cubin"]) > 0
+
+    common = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags)
+    for fn, per_thread, warps, extra in ((ts._scan_fwd_kernel, ts.FWD_PER_THREAD, ts.FWD_WARPS, dict(SAVE_SEGS=True)),
+                                         (ts._scan_bwd_kernel, ts.BWD_PER_THREAD, ts.BWD_WARPS, dict(HAS_DLAST=True))):
+        cfg = ts._config(dim, dstate, seqlen, per_thread, warps)
+        num_warps = cfg.pop("num_warps")
+        compile_kernel(fn, dict(**common, **extra, SEG_CHUNKS=ts.SEG_CHUNKS, **cfg), num_warps)
+    compile_kernel(_state_update_kernel, dict(**common, BLOCK_D=32, BLOCK_N=triton.next_power_of_2(dstate)), 4)
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
