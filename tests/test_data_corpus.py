@@ -242,6 +242,7 @@ def test_shards_reused_until_the_corpus_changes(tmp_path):
         (docs / f"f{i}.txt").write_text(f"document number {i} " * 50)
     kw = dict(vocab_size=300, cache_dir=tmp_path / "cache", show_progress=False, log=lambda s: None)
     first = prepare_dataset(docs, **kw)
+    (tmp_path / "cache" / f"{first.dir.name}.tmp-99999").mkdir()          # as left by an interrupted run
     assert not first.reused and str(first.dir).startswith(str(tmp_path / "cache"))
     assert json.loads((first.dir / "manifest.json").read_text())["train"]["sha256"]
     again = prepare_dataset(docs, **kw)

@@ -350,6 +350,8 @@ def prepare_dataset(data_dir: str | Path | None = None, hf_dataset: str | None =
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # two processes (e.g. DDP ranks) never prepare the same folder at once
+        for stale in [*cache_dir.glob(f"{key}.tmp-*"), *cache_dir.glob(f"{key}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)   # left by an interrupted run (we hold the lock)
         why = "forced" if force else _stale_reason(out_dir, source)
         if why is None:
             log(f"Reusing prepared data in {out_dir} (corpus unchanged)")
