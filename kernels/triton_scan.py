@@ -10,8 +10,9 @@ How the work is split. One program owns one batch element and a block of BLOCK_D
 their (n, BLOCK_D) state in fp32 registers for the whole sequence. It walks the sequence in chunks of BLOCK_L steps:
 each chunk's u, delta, z (BLOCK_L, BLOCK_D) and B, C (BLOCK_L, n) tiles are loaded, the chunk's transition pairs
 (exp(delta * A), delta * B * u) form a (BLOCK_L, n, BLOCK_D) register tile, and `tl.associative_scan` over time
-composes them. The tile is laid out with channels across lanes and (time, n) inside each thread, so the scan over
-time and the sum over n for y never leave the thread (with large n a channel spreads over a few lanes). The state of
+composes them. The tile is laid out with channels across lanes and time and n inside each thread, so the scan
+over time never leaves the thread and the sum over n for y crosses only a few lanes (a channel's n is split over 4
+lanes at d_state 16, see _config). The next chunk's loads are issued before this chunk's arithmetic. The state of
 every step exists only in registers. Softplus, the D skip and the z gate happen in the same pass; y is the only
 (b, d, l) tensor written.
 
@@ -27,7 +28,7 @@ as a reverse associative scan. Its coefficient belongs to the *next* step, and r
 one along time, so each element carries its own decay as a third component (see `_adjoint_combine`). Every
 gradient then comes from g_t and h_t at the same step (g_t * dA_t * h_{t-1} = g_t * (h_t - delta_t B_t u_t)).
 dB and dC are summed over the program's channels in registers and written as one fp32 partial per channel block
-(blocks of 16+ channels), which the launcher sums; dA, dD and d(delta_bias) are summed over the program's steps
+(8 channels at d_state 16; a transient (d/8, b, n, l) buffer each), which the launcher sums; dA, dD and d(delta_bias) are summed over the program's steps
 and added across batch elements with fp32 atomics. No per-channel copy of B or C and no L*n tensor is ever written.
 """
 from __future__ import annotations
