@@ -282,3 +282,21 @@ def test_ddp_gloo_two_processes(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, _ in rows(out, "loss")] == [1, 2, 3, 4]
     assert main(args(corpus, out, "--resume", "--max_steps", "5")) == 2
+
+
+def test_corpus_too_small_for_evaluation_or_training(tmp_path, capsys):
+    """A few documents: a validation split shorter than one sequence turns evaluation off with a warning (the run
+    still finishes); a training split shorter than one sequence is a usage error, exit 2."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(" ".join(WORDS * 12))
+    common = ["--data_dir", str(docs), "--cache_dir", str(tmp_path / "cache"), "--model_size", "tiny",
+              "--vram", "cpu", "--vocab_size", "300", "--micro_batch_size", "2", "--grad_accum_steps", "1",
+              "--eval_interval", "2", "--checkpoint_interval", "2", "--no-progress", "--val_fraction", "0.01"]
+    assert main(common + ["--out_dir", str(tmp_path / "run"), "--seq_len", "64", "--max_steps", "2"]) == 0
+    out = capsys.readouterr()
+    assert "no evaluation" in out.out + out.err
+    assert rows(tmp_path / "run", "val_loss") == []
+    assert ck.find_latest_checkpoint(tmp_path / "run").name == "step_000002"
+    assert main(common + ["--out_dir", str(tmp_path / "run2"), "--seq_len", "4096", "--max_steps", "2"]) == 2
+    assert "add more documents or use a smaller --seq_len" in capsys.readouterr().err

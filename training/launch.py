@@ -9,6 +9,7 @@ line with exit code 2 and no traceback; a run that has to stop (TrainingStopped)
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,13 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     if dist.enabled and dist.is_main:
         dist_utils.barrier()
     tokenizer = data.tokenizer if tokenizer is None else tokenizer
+    if len(data.train_tokens) <= cfg.seq_len:
+        raise ConfigError(f"the training split has {len(data.train_tokens):,} tokens, fewer than one sequence of "
+                          f"seq_len + 1 = {cfg.seq_len + 1}: add more documents or use a smaller --seq_len")
+    if len(data.val_tokens) <= cfg.seq_len:
+        log(f"warning: the validation split has {len(data.val_tokens):,} tokens, fewer than one sequence of "
+            f"seq_len + 1 = {cfg.seq_len + 1}, so there will be no evaluation (and no best/ checkpoint). "
+            f"Add documents, raise --val_fraction or lower --seq_len.")
 
     # -- the model
     try:
@@ -240,7 +248,8 @@ def main(argv=None) -> int:
     finally:
         dist_utils.teardown()
     if trainer.dist.is_main:
-        print(f"done: step {summary['step']}, train loss {summary['loss']:.4f}, best val loss "
-              f"{summary['best_val_loss']:.4f}; checkpoints, metrics.jsonl and loss.png in {trainer.run_dir}",
-              flush=True)
+        best = summary["best_val_loss"]
+        best = f"{best:.4f}" if math.isfinite(best) else "n/a (no evaluation)"
+        print(f"done: step {summary['step']}, train loss {summary['loss']:.4f}, best val loss {best}; "
+              f"checkpoints, metrics.jsonl and loss.png in {trainer.run_dir}", flush=True)
     return 0

@@ -76,6 +76,8 @@ class Trainer:
         self.nonfinite_skipped = 0          # steps skipped in total
         self.nonfinite_in_a_row = 0
         self.micro_split = cfg.micro_batch_size   # rows per forward pass; halves on out-of-memory
+        # a small corpus can leave the validation split shorter than one sequence: then there is nothing to evaluate
+        self.can_evaluate = len(data.val_tokens) > cfg.seq_len
         if resume_state is not None:
             self.load_state(resume_state)
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_state else None,
@@ -271,7 +273,7 @@ class Trainer:
                         f"--precision bf16/fp32.")
 
                 new_best = False
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                if self.can_evaluate and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                     val_loss = self.evaluate()
                     new_best = val_loss < self.best_val_loss
                     if new_best:
