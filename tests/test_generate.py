@@ -14,6 +14,7 @@ from models import MambaConfig, MambaLanguageModel
 from models.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 from training.checkpoint import write_atomic_dir
 from utils.tokenizer import Tokenizer
+from tests.helpers import randomize_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model reads text one token at a time.",
@@ -31,17 +32,7 @@ def make_model(vocab_size, seed=0, **overrides):
     model = MambaLanguageModel(config)
     # random (not initial) weights, large enough that logits are far from ties: greedy tokens are then stable
     # across batch shapes, so equality tests test the code and not rounding luck
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("dt_proj.bias"):
-                p.copy_(torch.randn_like(p) - 2)
-            else:
-                p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return randomize_parameters(model, scale=0.3)
 
 
 @pytest.fixture(scope="module")

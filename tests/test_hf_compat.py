@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig as HFMambaConfig, MambaForCausalLM  # noqa: E402
 
 from models import MambaConfig, MambaLanguageModel  # noqa: E402
+from tests.helpers import randomize_parameters
 
 # odd widths, d_state 1, conv width 2, no conv bias, bias=True, an explicit dt rank, an untied head
 HF_SHAPES = [
@@ -24,17 +25,7 @@ HF_SHAPES = [
 def random_hf_model(seed=0, **shape):
     torch.manual_seed(seed)
     model = MambaForCausalLM(HFMambaConfig(**shape, eos_token_id=None, bos_token_id=None, pad_token_id=None))
-    with torch.no_grad():   # every parameter random, incl. A_log, D, the norms and the dt bias
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("dt_proj.bias"):
-                p.copy_(torch.randn_like(p) - 2)
-            else:
-                p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
+    return randomize_parameters(model, scale=0.2)
 
 
 def rel_err(a, b):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE, MODEL_SIZES, count_parameters, model_config, table
 from models import MambaBlock, MambaCache, MambaConfig, MambaLanguageModel, SelectiveSSM
+from tests.helpers import randomize_parameters
 
 # "auto" is what users get (chunked on the CPU); "ref" is the spec it must agree with.
 SCAN_BACKENDS = ["auto", "ref"]
@@ -23,17 +24,7 @@ def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
     model = MambaLanguageModel(tiny_config(**overrides))
     # random (not initial) values everywhere, so no term of the math hides behind a 0 or a 1
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("dt_proj.bias"):
-                p.copy_(torch.randn_like(p) - 2)
-            else:
-                p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
+    return randomize_parameters(model, scale=0.2)
 
 
 # ---- config ---------------------------------------------------------------------------------------------------------
