@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command sets up this machine: PyTorch (a CUDA build where an NVIDIA GPU is present, otherwise a CPU
-# build) and the project's requirements. Safe to re-run; it keeps a working torch that is already installed.
+# build), Triton, and the project's requirements. Safe to re-run; it keeps a working torch that is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
@@ -16,8 +16,17 @@ else
     "$PY" -m pip install "torch==2.13.0"
 fi
 
+# A CUDA build of torch brings the Triton it was built with; a CPU build brings none. Without a GPU the tests run
+# the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1), at the version they were written against.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && ! "$PY" -c "import triton" 2>/dev/null; then
+    echo "setup: installing Triton 3.6.0"
+    "$PY" -m pip install "triton==3.6.0"
+fi
+
 "$PY" -m pip install -r requirements.txt
 "$PY" - <<'PYCHECK'
+import importlib.util
 import torch
-print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+triton = "yes" if importlib.util.find_spec("triton") else "no"
+print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, Triton: {triton}")
 PYCHECK
