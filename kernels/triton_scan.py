@@ -73,6 +73,19 @@ def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
 
 
 @triton.jit
+def _chunk_states(delta, u, B, A2, h0):
+    """A chunk's transitions and states, as the forward makes them (the backward recomputes exactly these).
+
+    delta, u: (BL, BD); B: (BL, BN); A2 = A * log2(e): (BN, BD); h0: (BN, BD) the state before the chunk.
+    Returns dA = exp(delta A) and x = delta B u, both (BL, BN, BD), and the states h_t of the chunk (BL, BN, BD).
+    """
+    dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
+    x = B[:, :, None] * (delta * u)[:, None, :]
+    a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
+    return dA, x, a_cum * h0[None, :, :] + x_cum
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     y_ptr, last_ptr, seg_ptr,
@@ -148,10 +161,7 @@ def _scan_fwd_kernel(
             delta = _softplus(delta)
         delta = tl.where(mask_td, delta, 0.0)          # steps past the end: decay 1, input 0, the state holds
 
-        dA = tl.exp2(delta[:, None, :] * A2[None, :, :])                          # (BL, BN, BD)
-        x = B[:, :, None] * (delta * u)[:, None, :]                               # (BL, BN, BD)
-        a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
-        hs = a_cum * h[None, :, :] + x_cum                                        # (BL, BN, BD) h_t in the chunk
+        _, _, hs = _chunk_states(delta, u, B, A2, h)                             # (BL, BN, BD) h_t in the chunk
         y = tl.sum(hs * C[:, :, None], axis=1)                                    # (BL, BD)
         h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)   # (BN, BD) last step
 
@@ -247,10 +257,8 @@ def _scan_bwd_kernel(
             if SOFTPLUS:
                 delta = _softplus(delta)
             delta = tl.where(mask_td, delta, 0.0)
-            dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
-            x = B[:, :, None] * (delta * u)[:, None, :]
-            a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
-            h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, a_cum * h[None, :, :] + x_cum, 0.0), axis=0)
+            _, _, hs = _chunk_states(delta, u, B, A2, h)
+            h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)
             c += 1
         tl.debug_barrier()
 
@@ -298,11 +306,7 @@ def _scan_bwd_kernel(
             delta = tl.where(mask_td, delta, 0.0)
 
             # The chunk's states again, exactly as the forward made them.
-            dA = tl.exp2(delta[:, None, :] * A2[None, :, :])                      # (BL, BN, BD)
-            du_t = delta * u                                                      # (BL, BD)
-            x = B[:, :, None] * du_t[:, None, :]
-            a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
-            hs = a_cum * h0[None, :, :] + x_cum                                   # (BL, BN, BD)
+            dA, x, hs = _chunk_states(delta, u, B, A2, h0)                       # (BL, BN, BD) each
 
             # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
             if HAS_Z:
@@ -339,7 +343,7 @@ def _scan_bwd_kernel(
             tl.store(ddelta_ptr + grad_td + t[:, None], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
 
             # dB, dC: summed over this program's channels here, over channel blocks by the launcher.
-            dB = tl.sum(g * du_t[:, None, :], axis=2)                             # (BL, BN)
+            dB = tl.sum(g * (delta * u)[:, None, :], axis=2)                       # (BL, BN)
             dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
             tl.store(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
             tl.store(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
