@@ -7,7 +7,7 @@
 Shapes are batch x L x d_inner x d_state. Every call is a Mamba mixer's: delta_bias, softplus, D skip and z gate.
 "speed vs chunked" is chunked's time divided by the backend's (above 1: faster than chunked). On CUDA times are
 triton.testing.do_bench medians and the floor column is the memory-traffic floor of ../shared/ANCHORS.md: every
-input read once and every output written once at 3.0 TB/s (backward: reads u, delta, z, B, C, dy; writes du,
+input read once and every output written once at 4.3 TB/s (backward: reads u, delta, z, B, C, dy; writes du,
 delta's grad, dz, dB, dC). On the CPU times are time.perf_counter medians after one warm-up call, the backends
 taking turns within each repeat.
 """
@@ -27,7 +27,7 @@ from kernels import available_backends, selective_scan  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = {"cuda": "8x2048x1536x16,4x8192x2048x16", "cpu": "4x1024x1024x16,4x512x512x16"}
-FLOOR_BYTES_PER_S = 3.0e12          # ANCHORS.md: H100 device-to-device copy bandwidth, rounded
+FLOOR_BYTES_PER_S = 4.3e12          # ANCHORS.md: the H200's device-to-device copy bandwidth
 
 
 def runnable_backends(device: torch.device) -> list[str]:
@@ -71,7 +71,7 @@ def make_inputs(batch, seqlen, d_inner, d_state, dtype, device, seed=0):
 
 
 def floor_ms(batch, seqlen, d_inner, d_state, elem_bytes, backward):
-    """Memory-traffic floor: every input read once, every output written once, at 3.0 TB/s."""
+    """Memory-traffic floor: every input read once, every output written once, at 4.3 TB/s."""
     big, small = batch * d_inner * seqlen * elem_bytes, batch * d_state * seqlen * elem_bytes
     fwd = 4 * big + 2 * small                          # read u, delta, z, B, C; write y
     bwd = 7 * big + 4 * small                          # read u, delta, z, dy, B, C; write du, ddelta, dz, dB, dC

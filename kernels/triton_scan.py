@@ -44,6 +44,7 @@ LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = 2^(x log2 e): exp2 is one 
 # Block sizes, chosen on the H100 at (batch 8, L 2048, d_inner 1536, d_state 16), bf16 (BENCHMARKS.md, scan-gpu).
 CHUNK_LEN = 8                # time steps per chunk (BLOCK_L): one scan over a (BLOCK_L, n, BLOCK_D) register tile
 SEG_CHUNKS = 8               # chunks per segment: the forward saves the state every SEG_CHUNKS * BLOCK_L steps
+TARGET_PROGRAMS = 8192       # the backward splits the sequence into parts until about this many programs run
 # (chunk, n) elements one thread holds per tile (a larger tile spreads a channel over lanes), and warps per program.
 # 32 at chunk 8 and d_state 16: four lanes per channel, eight channels per one-warp program; more elements per
 # thread spilled in the backward, fewer left too few channels per program to pay for the sums over them.
@@ -64,15 +65,6 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _adjoint_combine(f_late, p_late, q_late, f_early, p_early, q_early):
-    # Reverse scan of g_t = q_t + dA_{t+1} * g_{t+1}. A segment [t, s] is (f, p, q) with
-    #   g_t = q + p * dA_{s+1} * g_{s+1},   f = dA_t (its first step's decay; used when a segment before it joins).
-    # The scan runs from the end of the chunk backwards, so the accumulated (later) segment comes first.
-    p = p_early * f_late
-    return f_early, p * p_late, q_early + p * q_late
-
-
-@triton.jit
 def _chunk_states(delta, u, B, A2, h0):
     """A chunk's transitions and states, as the forward makes them (the backward recomputes exactly these).
 
@@ -90,7 +82,8 @@ def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     y_ptr, last_ptr, seg_ptr,
     dim, seqlen, dstate, n_chunks, n_segs,
-    s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_yb, s_yd,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_SEGS: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -112,6 +105,8 @@ def _scan_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
+    # Every (b, d, l) and (b, n, l) operand is addressed through its own three strides, so (b, d, l) storage and
+    # transposed views of (b, l, d) storage (the model's layout) are read in place.
     u_base = u_ptr + pid_b * s_ub + offs_d[None, :] * s_ud
     delta_base = delta_ptr + pid_b * s_db + offs_d[None, :] * s_dd
     z_base = z_ptr + pid_b * s_zb + offs_d[None, :] * s_zd
@@ -122,14 +117,15 @@ def _scan_fwd_kernel(
 
     # The loads of chunk c + 1 are issued before the arithmetic of chunk c (software pipelining by hand: each
     # program is one warp, and waiting for every chunk's loads left the GPU idle most of the time).
-    mask_td = (offs_l < seqlen)[:, None] & mask_d[None, :]
-    mask_tn = (offs_l < seqlen)[:, None] & mask_n[None, :]
-    u_next = tl.load(u_base + offs_l[:, None], mask=mask_td, other=0.0)
-    delta_next = tl.load(delta_base + offs_l[:, None], mask=mask_td, other=0.0)
-    B_next = tl.load(B_base + offs_l[:, None], mask=mask_tn, other=0.0)
-    C_next = tl.load(C_base + offs_l[:, None], mask=mask_tn, other=0.0)
+    t = offs_l
+    mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+    mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
+    u_next = tl.load(u_base + t[:, None] * s_ul, mask=mask_td, other=0.0)
+    delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
+    B_next = tl.load(B_base + t[:, None] * s_Bl, mask=mask_tn, other=0.0)
+    C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
     if HAS_Z:
-        z_next = tl.load(z_base + offs_l[:, None], mask=mask_td, other=0.0)
+        z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c = 0
     while c < n_chunks:        # (a while loop: Triton's interpreter cannot range() over a run-time bound)
@@ -148,12 +144,12 @@ def _scan_fwd_kernel(
         t_next = t + BLOCK_L
         mask_td_next = (t_next < seqlen)[:, None] & mask_d[None, :]
         mask_tn_next = (t_next < seqlen)[:, None] & mask_n[None, :]
-        u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
-        delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
-        B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
-        C_next = tl.load(C_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+        u_next = tl.load(u_base + t_next[:, None] * s_ul, mask=mask_td_next, other=0.0)
+        delta_next = tl.load(delta_base + t_next[:, None] * s_dl, mask=mask_td_next, other=0.0)
+        B_next = tl.load(B_base + t_next[:, None] * s_Bl, mask=mask_tn_next, other=0.0)
+        C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
         if HAS_Z:
-            z_next = tl.load(z_base + t_next[:, None], mask=mask_td_next, other=0.0)
+            z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
 
         if HAS_BIAS:
             delta += bias[None, :]
@@ -169,24 +165,112 @@ def _scan_fwd_kernel(
             y += Dv[None, :] * u
         if HAS_Z:
             y *= zv * tl.sigmoid(zv)
-        tl.store(y_base + t[:, None], y.to(y_ptr.dtype.element_ty), mask=mask_td)
+        tl.store(y_base + t[:, None] * s_yl, y.to(y_ptr.dtype.element_ty), mask=mask_td)
         c += 1
 
     tl.store(last_ptr + pid_b * dim * dstate + state_offs, h, mask=mask_nd)
 
 
 @triton.jit
+def _scan_bwd_carry_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, loc_ptr, dsum_ptr,
+    dim, seqlen, dstate, n_chunks, part_chunks, n_parts,
+    s_db, s_dd, s_dl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl, s_dyb, s_dyd, s_dyl,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Backward, pass 1: what each part of the sequence hands to the part before it, as an affine map of what it
+    receives. Walking a part [s, e) backwards, the carry r (the gradient reaching h_{t-1} through step t) obeys
+    r <- dA_t (q_t + r) with q_t = C_t dy'_t, so the part maps r_in to
+        r_out = sum_t (prod_{s<=j<=t} dA_j) q_t  +  (prod_{s<=j<e} dA_j) r_in  =  loc + exp(A * sum(delta)) r_in.
+    The products are exp(A * cumulative delta): one exp per element and no recurrence, so this pass needs no
+    states. Writes loc (b, parts, d, n) and sum(delta) (b, parts, d). Part 0 hands nothing on and is skipped."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    part = tl.program_id(2) + 1
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    delta_base = delta_ptr + pid_b * s_db + offs_d[None, :] * s_dd
+    z_base = z_ptr + pid_b * s_zb + offs_d[None, :] * s_zd
+    dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
+    C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
+
+    c = part * part_chunks
+    c_end = tl.minimum(c + part_chunks, n_chunks)
+    t = c * BLOCK_L + offs_l
+    mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+    mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
+    delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
+    dy_next = tl.load(dy_base + t[:, None] * s_dyl, mask=mask_td, other=0.0)
+    C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
+    if HAS_Z:
+        z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
+    dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    loc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    while c < c_end:
+        t = c * BLOCK_L + offs_l
+        mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+        delta = delta_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        C = C_next.to(tl.float32)
+        if HAS_Z:
+            zv = z_next.to(tl.float32)
+        t_next = t + BLOCK_L
+        more = (t_next < seqlen) & (t_next < c_end * BLOCK_L)
+        mask_td_next = more[:, None] & mask_d[None, :]
+        mask_tn_next = more[:, None] & mask_n[None, :]
+        delta_next = tl.load(delta_base + t_next[:, None] * s_dl, mask=mask_td_next, other=0.0)
+        dy_next = tl.load(dy_base + t_next[:, None] * s_dyl, mask=mask_td_next, other=0.0)
+        C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
+        if HAS_BIAS:
+            delta += bias[None, :]
+        if SOFTPLUS:
+            delta = _softplus(delta)
+        delta = tl.where(mask_td, delta, 0.0)
+        if HAS_Z:
+            dy = dy * zv * tl.sigmoid(zv)
+        dy = tl.where(mask_td, dy, 0.0)                                           # dy' (BL, BD)
+        cum = dsum[None, :] + tl.cumsum(delta, 0)                                 # (BL, BD) delta from s to t
+        decay = tl.exp2(cum[:, None, :] * A2[None, :, :])                         # (BL, BN, BD)
+        loc += tl.sum(decay * C[:, :, None] * dy[:, None, :], axis=0)
+        dsum += tl.sum(delta, axis=0)
+        c += 1
+    tl.store(loc_ptr + ((pid_b * n_parts + part) * dim + offs_d[None, :]) * dstate + offs_n[:, None], loc,
+             mask=mask_nd)
+    tl.store(dsum_ptr + (pid_b * n_parts + part) * dim + offs_d, dsum, mask=mask_d)
+
+
+@triton.jit
+def _adjoint_combine(a_late, q_late, a_early, q_early):
+    # Reverse scan of g_t = q_t + a_t g_{t+1}: a segment [i, j] is (a, q) with g_i = q + a * g_{j+1}. The scan runs
+    # from the end of the chunk backwards, so the accumulated (later) segment comes first.
+    return a_early * a_late, q_early + a_early * q_late
+
+
+@triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, seg_ptr, dlast_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    dim, seqlen, dstate, n_chunks, n_segs,
-    s_ub, s_ud, s_db, s_dd, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_dyb, s_dyd,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, seg_ptr, dlast_ptr, loc_ptr, dsum_ptr,
+    scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, seqlen, dstate, n_chunks, n_segs, part_segs, n_parts,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl,
+    s_dyb, s_dyd, s_dyl, s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    part = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
@@ -207,25 +291,37 @@ def _scan_bwd_kernel(
     dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
     B_base = B_ptr + pid_b * s_Bb + offs_n[None, :] * s_Bn
     C_base = C_ptr + pid_b * s_Cb + offs_n[None, :] * s_Cn
-    grad_td = pid_b * dim * seqlen + offs_d[None, :] * seqlen                      # du, ddelta, dz: (b, d, l)
+    du_base = du_ptr + pid_b * s_gub + offs_d[None, :] * s_gud
+    ddelta_base = ddelta_ptr + pid_b * s_gdb + offs_d[None, :] * s_gdd
+    dz_base = dz_ptr + pid_b * s_gzb + offs_d[None, :] * s_gzd
     # dB, dC partial sums of this channel block: (channel blocks, b, n, l) fp32.
     grad_tn = (pid_d * tl.num_programs(0) + pid_b) * dstate * seqlen + offs_n[None, :] * seqlen
     state_offs = offs_n[:, None] + offs_d[None, :] * dstate
     # This program's scratch: the state before each chunk of the segment being processed (L2-resident).
-    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid_d) * SEG_CHUNKS * BLOCK_N * BLOCK_D \
-        + offs_n[:, None] * BLOCK_D + offs_d[None, :] - pid_d * BLOCK_D
+    scratch = scratch_ptr + ((part * tl.num_programs(0) + pid_b) * tl.num_programs(1) + pid_d) \
+        * SEG_CHUNKS * BLOCK_N * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :] - pid_d * BLOCK_D
 
     # carry = dA_{s+1} * g_{s+1} for the step s just before the chunk being processed: the gradient reaching the
-    # chunk's last state from later steps. At the end of the sequence it is the last state's own gradient.
+    # chunk's last state from later steps. At the end of the sequence it is the last state's own gradient; at the
+    # end of this part, the later parts' maps (pass 1) applied to that, last part first.
     if HAS_DLAST:
         carry = tl.load(dlast_ptr + pid_b * dim * dstate + state_offs, mask=mask_nd, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    later = n_parts - 1
+    while later > part:
+        pofs = (pid_b * n_parts + later) * dim
+        loc = tl.load(loc_ptr + pofs * dstate + state_offs, mask=mask_nd, other=0.0)
+        dsum = tl.load(dsum_ptr + pofs + offs_d, mask=mask_d, other=0.0)
+        carry = loc + tl.exp2(dsum[None, :] * A2) * carry
+        later -= 1
+
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    seg = n_segs - 1
-    while seg >= 0:
+    seg_first = part * part_segs
+    seg = tl.minimum(seg_first + part_segs, n_segs) - 1
+    while seg >= seg_first:
         # 1. Forward through the segment from its saved first state, keeping each chunk's first state.
         c_first = seg * SEG_CHUNKS
         c_end = tl.minimum(c_first + SEG_CHUNKS, n_chunks)
@@ -234,11 +330,13 @@ def _scan_bwd_kernel(
         if SEG_CHUNKS == 1:
             c = c_end          # one chunk per segment: its saved state is all the backward needs
             tl.store(scratch, h)
-        mask_td = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_d[None, :]
-        mask_tn = (c * BLOCK_L + offs_l < seqlen)[:, None] & mask_n[None, :]
-        u_next = tl.load(u_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_td, other=0.0)
-        delta_next = tl.load(delta_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_td, other=0.0)
-        B_next = tl.load(B_base + (c * BLOCK_L + offs_l)[:, None], mask=mask_tn, other=0.0)
+        t = c * BLOCK_L + offs_l
+        more = (t < seqlen) & (t < c_end * BLOCK_L)
+        mask_td = more[:, None] & mask_d[None, :]
+        mask_tn = more[:, None] & mask_n[None, :]
+        u_next = tl.load(u_base + t[:, None] * s_ul, mask=mask_td, other=0.0)
+        delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
+        B_next = tl.load(B_base + t[:, None] * s_Bl, mask=mask_tn, other=0.0)
         while c < c_end:
             tl.store(scratch + (c - c_first) * BLOCK_N * BLOCK_D, h)
             t = c * BLOCK_L + offs_l
@@ -247,11 +345,12 @@ def _scan_bwd_kernel(
             delta = delta_next.to(tl.float32)
             B = B_next.to(tl.float32)
             t_next = t + BLOCK_L
-            mask_td_next = (t_next < seqlen)[:, None] & mask_d[None, :] & (c + 1 < c_end)
-            mask_tn_next = (t_next < seqlen)[:, None] & mask_n[None, :] & (c + 1 < c_end)
-            u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
-            delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
-            B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+            more = (t_next < seqlen) & (t_next < c_end * BLOCK_L)
+            mask_td_next = more[:, None] & mask_d[None, :]
+            mask_tn_next = more[:, None] & mask_n[None, :]
+            u_next = tl.load(u_base + t_next[:, None] * s_ul, mask=mask_td_next, other=0.0)
+            delta_next = tl.load(delta_base + t_next[:, None] * s_dl, mask=mask_td_next, other=0.0)
+            B_next = tl.load(B_base + t_next[:, None] * s_Bl, mask=mask_tn_next, other=0.0)
             if HAS_BIAS:
                 delta += bias[None, :]
             if SOFTPLUS:
@@ -267,46 +366,54 @@ def _scan_bwd_kernel(
         t = c * BLOCK_L + offs_l
         mask_td = (t < seqlen)[:, None] & mask_d[None, :]
         mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
-        u_next = tl.load(u_base + t[:, None], mask=mask_td, other=0.0)
-        delta_next = tl.load(delta_base + t[:, None], mask=mask_td, other=0.0)
-        dy_next = tl.load(dy_base + t[:, None], mask=mask_td, other=0.0)
-        B_next = tl.load(B_base + t[:, None], mask=mask_tn, other=0.0)
-        C_next = tl.load(C_base + t[:, None], mask=mask_tn, other=0.0)
+        mask_td1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
+        u_next = tl.load(u_base + t[:, None] * s_ul, mask=mask_td, other=0.0)
+        delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
+        delta1_next = tl.load(delta_base + (t + 1)[:, None] * s_dl, mask=mask_td1, other=0.0)
+        dy_next = tl.load(dy_base + t[:, None] * s_dyl, mask=mask_td, other=0.0)
+        B_next = tl.load(B_base + t[:, None] * s_Bl, mask=mask_tn, other=0.0)
+        C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
         if HAS_Z:
-            z_next = tl.load(z_base + t[:, None], mask=mask_td, other=0.0)
+            z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
         while c >= c_first:
             t = c * BLOCK_L + offs_l
-            mask_t = t < seqlen
-            mask_td = mask_t[:, None] & mask_d[None, :]
-            mask_tn = mask_t[:, None] & mask_n[None, :]
+            mask_td = (t < seqlen)[:, None] & mask_d[None, :]
+            mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
+            mask_td1 = (t + 1 < seqlen)[:, None] & mask_d[None, :]
             h0 = tl.load(scratch + (c - c_first) * BLOCK_N * BLOCK_D)                    # (BN, BD)
             u = u_next.to(tl.float32)                                                     # (BL, BD)
             delta_raw = delta_next.to(tl.float32)
+            delta1 = delta1_next.to(tl.float32)                                           # delta_{t+1}
             dy = dy_next.to(tl.float32)
             B = B_next.to(tl.float32)                                                     # (BL, BN)
             C = C_next.to(tl.float32)
             if HAS_Z:
                 zv = z_next.to(tl.float32)
             t_next = t - BLOCK_L
-            mask_td_next = (c > c_first) & mask_d[None, :] & (t_next >= 0)[:, None]
-            mask_tn_next = (c > c_first) & mask_n[None, :] & (t_next >= 0)[:, None]
-            u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
-            delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
-            dy_next = tl.load(dy_base + t_next[:, None], mask=mask_td_next, other=0.0)
-            B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
-            C_next = tl.load(C_base + t_next[:, None], mask=mask_tn_next, other=0.0)
+            more = (t_next >= c_first * BLOCK_L)
+            mask_td_next = more[:, None] & mask_d[None, :]
+            mask_tn_next = more[:, None] & mask_n[None, :]
+            u_next = tl.load(u_base + t_next[:, None] * s_ul, mask=mask_td_next, other=0.0)
+            delta_next = tl.load(delta_base + t_next[:, None] * s_dl, mask=mask_td_next, other=0.0)
+            delta1_next = tl.load(delta_base + (t_next + 1)[:, None] * s_dl, mask=mask_td_next, other=0.0)
+            dy_next = tl.load(dy_base + t_next[:, None] * s_dyl, mask=mask_td_next, other=0.0)
+            B_next = tl.load(B_base + t_next[:, None] * s_Bl, mask=mask_tn_next, other=0.0)
+            C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
             if HAS_Z:
-                z_next = tl.load(z_base + t_next[:, None], mask=mask_td_next, other=0.0)
+                z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
             if HAS_BIAS:
                 delta_raw += bias[None, :]
+                delta1 += bias[None, :]
             if SOFTPLUS:
                 delta = _softplus(delta_raw)
+                delta1 = _softplus(delta1)
             else:
                 delta = delta_raw
             delta = tl.where(mask_td, delta, 0.0)
+            delta1 = tl.where(mask_td1, delta1, 0.0)
 
             # The chunk's states again, exactly as the forward made them.
-            dA, x, hs = _chunk_states(delta, u, B, A2, h0)                       # (BL, BN, BD) each
+            _, x, hs = _chunk_states(delta, u, B, A2, h0)                         # (BL, BN, BD) each
 
             # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
             if HAS_Z:
@@ -315,19 +422,26 @@ def _scan_bwd_kernel(
                     y_pre += Dv[None, :] * u
                 sig = tl.sigmoid(zv)
                 dz = dy * y_pre * sig * (1.0 + zv * (1.0 - sig))
-                tl.store(dz_ptr + grad_td + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+                tl.store(dz_base + t[:, None] * s_gzl, dz.to(dz_ptr.dtype.element_ty), mask=mask_td)
                 dy = dy * zv * sig
             dy = tl.where(mask_td, dy, 0.0)                                       # dy' (BL, BD)
+            # dC now, so that of h_t only h_t - x_t = dA_t h_{t-1} stays live (registers are the limit here).
+            dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
+            hs -= x
 
-            # Adjoint states g_t = dL/dh_t, from the chunk's end backwards.
+            # Adjoint states g_t = dL/dh_t = C_t dy'_t + dA_{t+1} g_{t+1}, from the chunk's end backwards. Each
+            # step's coefficient is the *next* step's decay, made from delta_{t+1}; the last step's is folded
+            # into carry already, so it is 1.
+            decay_next = tl.exp2(delta1[:, None, :] * A2[None, :, :])              # (BL, BN, BD) dA_{t+1}
+            decay_next = tl.where(offs_l[:, None, None] == BLOCK_L - 1, 1.0, decay_next)
             q = C[:, :, None] * dy[:, None, :]                                    # (BL, BN, BD)
-            _, p_cum, q_cum = tl.associative_scan((dA, tl.full(q.shape, 1.0, tl.float32), q), 0, _adjoint_combine,
-                                                  reverse=True)
-            g = q_cum + p_cum * carry[None, :, :]                                 # (BL, BN, BD)
-            carry = tl.sum(tl.where(offs_l[:, None, None] == 0, dA * g, 0.0), axis=0)
+            a_cum, q_cum = tl.associative_scan((decay_next, q), 0, _adjoint_combine, reverse=True)
+            g = q_cum + a_cum * carry[None, :, :]                                 # (BL, BN, BD)
+            delta0 = tl.sum(tl.where(offs_l[:, None] == 0, delta, 0.0), axis=0)   # (BD,) the chunk's first delta
+            carry = tl.exp2(delta0[None, :] * A2) * tl.sum(tl.where(offs_l[:, None, None] == 0, g, 0.0), axis=0)
 
             # Per-step gradients. g * (h_t - x_t) = g_t * dA_t * h_{t-1}: the part that flows through the decay.
-            gh = g * (hs - x)                                                     # (BL, BN, BD)
+            gh = g * hs                                                           # (BL, BN, BD)
             gB = tl.sum(g * B[:, :, None], axis=1)                                # (BL, BD)
             ddelta = gB * u + tl.sum(gh * A[None, :, :], axis=1)
             du = gB * delta
@@ -339,12 +453,11 @@ def _scan_bwd_kernel(
             ddelta = tl.where(mask_td, ddelta, 0.0)
             dbias_acc += tl.sum(ddelta, axis=0)
             dA_acc += tl.sum(gh * delta[:, None, :], axis=0)
-            tl.store(du_ptr + grad_td + t[:, None], du.to(du_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(ddelta_ptr + grad_td + t[:, None], ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(du_base + t[:, None] * s_gul, du.to(du_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(ddelta_base + t[:, None] * s_gdl, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
 
             # dB, dC: summed over this program's channels here, over channel blocks by the launcher.
             dB = tl.sum(g * (delta * u)[:, None, :], axis=2)                       # (BL, BN)
-            dC = tl.sum(hs * dy[:, None, :], axis=2)                              # (BL, BN)
             tl.store(dB_ptr + grad_tn + t[:, None], dB, mask=mask_tn)
             tl.store(dC_ptr + grad_tn + t[:, None], dC, mask=mask_tn)
             c -= 1
@@ -371,19 +484,19 @@ def _config(dim: int, dstate: int, seqlen: int, per_thread: int, warps: int) -> 
                 num_warps=max(1, min(warps, block_d * lanes_per_channel // 32)))
 
 
-def _last_dim_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
-    """Launch the forward. Returns y (b, d, l) in u's dtype, the last state (b, d, n) fp32, the segment-start
-    states (b, segments, d, n) fp32 (None unless save_segs) and the block config."""
+    """Launch the forward. Returns y (b, d, l) in u's dtype and memory layout, the last state (b, d, n) fp32, the
+    segment-start states (b, segments, d, n) fp32 (None unless save_segs) and the block config."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = _config(dim, dstate, seqlen, FWD_PER_THREAD, FWD_WARPS)
     n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
     n_segs = triton.cdiv(n_chunks, SEG_CHUNKS)
-    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    y = torch.empty_like(u)                    # u's stride order: (b, l, d) storage in, (b, l, d) storage out
     last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     segs = torch.empty(batch, n_segs, dim, dstate, device=u.device, dtype=torch.float32) if save_segs else last
     zz = z if z is not None else u
@@ -392,25 +505,32 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         y, last, segs,
         dim, seqlen, dstate, n_chunks, n_segs,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
-        B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
+        *_strides(u), *_strides(delta), A.stride(0), A.stride(1), *_strides(B), *_strides(C), *_strides(zz),
+        *_strides(y),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         SAVE_SEGS=save_segs, SEG_CHUNKS=SEG_CHUNKS, **cfg,
     )
     return y, last, (segs if save_segs else None), cfg
 
 
+def _num_parts(programs: int, n_segs: int) -> int:
+    """Parts of the sequence the backward runs in parallel: enough programs to fill the GPU (TARGET_PROGRAMS),
+    whole segments each."""
+    wanted = max(1, min(n_segs, triton.cdiv(TARGET_PROGRAMS, max(programs, 1))))
+    return triton.cdiv(n_segs, triton.cdiv(n_segs, wanted))
+
+
 def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast):
-    """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent."""
+    """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent;
+    du, ddelta and dz in the memory layout of u, delta and z."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     cfg = _config(dim, dstate, seqlen, BWD_PER_THREAD, BWD_WARPS)
     n_chunks = triton.cdiv(seqlen, cfg["BLOCK_L"])
     n_segs = segs.shape[1]
-    dy = dy.contiguous()
-    du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
     f32 = dict(device=u.device, dtype=torch.float32)
     dA = torch.zeros(dim, dstate, **f32)
     # One partial dB and dC per channel block, summed below. (With fp32 atomics into one (b, n, l) buffer the H100's
@@ -420,19 +540,30 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
     dC = torch.empty(n_dblocks, batch, dstate, seqlen, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
-    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-    scratch = torch.empty(grid[0] * grid[1] * SEG_CHUNKS * cfg["BLOCK_N"] * cfg["BLOCK_D"], **f32)
+    n_parts = _num_parts(batch * n_dblocks, n_segs)
+    part_segs = triton.cdiv(n_segs, n_parts)
     zz = z if z is not None else u
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
+    loc = torch.empty(batch, n_parts, dim, dstate, **f32)
+    dsum = torch.empty(batch, n_parts, dim, **f32)
+    if n_parts > 1:
+        _scan_bwd_carry_kernel[(batch, n_dblocks, n_parts - 1)](
+            delta, A, C, zz, delta_bias if delta_bias is not None else A, dy, loc, dsum,
+            dim, seqlen, dstate, n_chunks, part_segs * SEG_CHUNKS, n_parts,
+            *_strides(delta), A.stride(0), A.stride(1), *_strides(C), *_strides(zz), *_strides(dy),
+            **flags, **cfg,
+        )
+    grid = (batch, n_dblocks, n_parts)
+    scratch = torch.empty(n_parts * batch * n_dblocks * SEG_CHUNKS * cfg["BLOCK_N"] * cfg["BLOCK_D"], **f32)
+    dzz = dz if dz is not None else du
     _scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, segs,
-        dlast if dlast is not None else A, scratch,
-        du, ddelta, dz if dz is not None else du, dA, dB, dC, dD if dD is not None else dA,
-        dbias if dbias is not None else dA,
-        dim, seqlen, dstate, n_chunks, n_segs,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
-        B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **cfg,
+        dlast if dlast is not None else A, loc, dsum, scratch,
+        du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
+        dim, seqlen, dstate, n_chunks, n_segs, part_segs, n_parts,
+        *_strides(u), *_strides(delta), A.stride(0), A.stride(1), *_strides(B), *_strides(C), *_strides(zz),
+        *_strides(dy), *_strides(du), *_strides(ddelta), *_strides(dzz),
+        HAS_D=D is not None, HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **flags, **cfg,
     )
     return (du, ddelta, dA.to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz,
@@ -444,7 +575,7 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
+        # Any strides: the kernels address every operand through its own (batch, channel, time) strides.
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -46,9 +46,25 @@ def rel_err(out, ref):
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, **flags):
-    """Triton vs ref: y, the last state, and the gradient of every input of a random linear loss of both."""
+def token_major(t, pad=0):
+    """The same values as a transposed view of (b, l, c + pad) storage, of which t is the first c columns."""
+    if t is None:
+        return None
+    b, c, l = t.shape
+    storage = torch.randn(b, l, c + pad, dtype=t.dtype, device=t.device)
+    storage[:, :, :c] = t.transpose(1, 2)
+    return storage[:, :, :c].transpose(1, 2)
+
+
+def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, token_major=False, **flags):
+    """Triton vs ref: y, the last state, and the gradient of every input of a random linear loss of both.
+    token_major: the Triton call gets the model's layout (transposed views of (b, l, ·) storage)."""
     inputs = make_inputs(*shape, dtype, device, seed, **flags)
+    if token_major:
+        u, delta, A, B, C, D, z, bias = inputs
+        inputs = (globals()["token_major"](u), globals()["token_major"](delta), A,
+                  globals()["token_major"](B, pad=3), globals()["token_major"](C, pad=1), D,
+                  globals()["token_major"](z, pad=2), bias)
     present = [t.requires_grad_() if t is not None else None for t in inputs]
     leaves = [t for t in present if t is not None]
     g = torch.Generator().manual_seed(seed + 1)
@@ -71,6 +87,8 @@ def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, **f
     (y, last, grads), (y_ref, last_ref, grads_ref) = results["triton"], results["ref"]
     tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == y_ref.shape
+    if token_major:
+        assert y.transpose(1, 2).is_contiguous()
     assert torch.isfinite(y.float()).all()
     assert rel_err(y, y_ref) < tol, f"y: {rel_err(y, y_ref):.2e}"
     if last_state:
@@ -79,6 +97,8 @@ def check_scan(shape, dtype, device, seed=0, softplus=True, last_state=True, **f
     names = [n for n, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), present) if t is not None]
     for name, leaf, grad, grad_ref in zip(names, leaves, grads, grads_ref):
         assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, name
+        if token_major and name in ("u", "delta", "z"):   # written in the input's layout: no copy to transpose
+            assert grad.transpose(1, 2).is_contiguous(), name
         assert torch.isfinite(grad.float()).all(), name
         if grad_ref.abs().max() == 0:                     # e.g. dA at L = 1, where h_{t-1} is zero
             assert grad.abs().max() < 1e-6, name
@@ -104,6 +124,27 @@ def test_interp_many_segments(seg_chunks, monkeypatch):
     import kernels.triton_scan as triton_scan
     monkeypatch.setattr(triton_scan, "SEG_CHUNKS", seg_chunks)
     check_scan((1, 3, 29, 4), torch.float32, "cpu", seed=13)
+
+
+@interp
+@pytest.mark.parametrize("seg_chunks,target_programs", [(1, 1 << 20), (2, 1 << 20), (2, 3), (1, 2)])
+def test_interp_sequence_parts(seg_chunks, target_programs, monkeypatch):
+    """The backward splits the sequence into parts that run in parallel, each starting from the carry that the
+    later parts hand it (pass 1): one segment per part, several, a ragged last part, and a single part."""
+    import kernels.triton_scan as triton_scan
+    monkeypatch.setattr(triton_scan, "SEG_CHUNKS", seg_chunks)
+    monkeypatch.setattr(triton_scan, "TARGET_PROGRAMS", target_programs)
+    check_scan((2, 3, 83, 4), torch.float32, "cpu", seed=17)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_token_major_layout(dtype, monkeypatch):
+    """The model's layout: u, delta, z and B, C are transposed views of (b, l, ·) storage (z and B, C slices of
+    wider rows). y and every gradient come back in the same layout, with the reference's values."""
+    import kernels.triton_scan as triton_scan
+    monkeypatch.setattr(triton_scan, "SEG_CHUNKS", 2)
+    check_scan((2, 5, 37, 4), dtype, "cpu", seed=23, token_major=True)
 
 
 @interp
