@@ -10,7 +10,6 @@ This module is the only place that decides which backend runs.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
@@ -57,8 +56,8 @@ def _implementation(name: str):
     if name == "chunked":
         from .chunked import selective_scan_chunked
         return selective_scan_chunked
-    module = importlib.import_module(".triton_scan", __package__)
-    return module.selective_scan_triton
+    from .triton_scan import selective_scan_triton
+    return selective_scan_triton
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

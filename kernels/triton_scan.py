@@ -33,6 +33,8 @@ and added across batch elements with fp32 atomics. No per-channel copy of B or C
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -570,28 +572,74 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
 
 
-class SelectiveScanTriton(torch.autograd.Function):
-    """y (and the last state) from the forward kernel; every input's gradient from the backward kernel."""
+# ---------------------------------------------------------------- autograd: a torch custom op pair
+#
+# The forward and backward launchers are registered as torch custom ops, with fake (meta) versions that give every
+# output's shape and strides, so that torch.compile keeps a model that calls the scan in one graph (no graph break)
+# and schedules the kernels itself. Eager calls go through the same ops.
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        # Any strides: the kernels address every operand through its own (batch, channel, time) strides.
-        D = D.contiguous() if D is not None else None
-        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                       save_segs=any(ctx.needs_input_grad))
-        ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, segs)
-        return y, last
+def _num_segs(dim: int, dstate: int, seqlen: int) -> int:
+    cfg = _config(dim, dstate, seqlen, FWD_PER_THREAD, FWD_WARPS)
+    return triton.cdiv(triton.cdiv(seqlen, cfg["BLOCK_L"]), SEG_CHUNKS)
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, D, z, delta_bias, segs = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(u)
-        grads = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, dy,
-                          dlast.contiguous() if dlast is not None else None)
-        return (*grads, None)
+
+@torch.library.custom_op("mamba_trainer::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                          delta_softplus: bool, save_segs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (u's layout), the last state (b, d, n) fp32 and the segment-start states the backward restarts from
+    ((b, segments, d, n) fp32; an empty tensor unless save_segs)."""
+    y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs)
+    return y, last, segs if segs is not None else last.new_empty(0)
+
+
+@selective_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
+    segs = (u.new_empty(batch, _num_segs(dim, dstate, seqlen), dim, dstate, dtype=torch.float32) if save_segs
+            else u.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(u), last, segs
+
+
+@torch.library.custom_op("mamba_trainer::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                          delta_softplus: bool, segs: torch.Tensor, dy: torch.Tensor,
+                          dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of (u, delta, A, B, C) and, where given, of D, z, delta_bias (in that order)."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs,
+                                                      dy, dlast)
+    return [du, ddelta, dA, dB, dC] + [g for g in (dD, dz, dbias) if g is not None]
+
+
+@selective_scan_bwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast):
+    grads = [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
+             B.new_empty(B.shape), C.new_empty(C.shape)]
+    return grads + [torch.empty_like(t) for t in (D, z, delta_bias) if t is not None]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs = inputs
+    ctx.delta_softplus = delta_softplus
+    ctx.present = (D is not None, z is not None, delta_bias is not None)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+
+
+def _backward(ctx, dy, dlast, _dsegs):
+    u, delta, A, B, C, D, z, delta_bias, segs = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    grads = iter(selective_scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, dy,
+                                       dlast.contiguous() if dlast is not None else None))
+    du, ddelta, dA, dB, dC = (next(grads) for _ in range(5))
+    dD, dz, dbias = (next(grads) if present else None for present in ctx.present)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+
+
+selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -614,5 +662,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         y = u.new_zeros(u.shape)
         last = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
         return (y, last) if return_last_state else y
-    y, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    y, last, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, needs_grad)
     return (y, last) if return_last_state else y
