@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import resolve_backend, selective_scan, selective_state_update
+from kernels import (add_rms_norm, causal_conv1d, causal_conv1d_update, linear_cross_entropy, resolve_backend,
+                     selective_scan, selective_state_update)
 
 from .config import MambaConfig
 from .sampling import SamplingParams, sample
@@ -31,17 +32,40 @@ logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in the weight's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in the weight's dtype.
+
+    The blocks call kernels.add_rms_norm with this module's weight directly, fusing the residual add (the module
+    holds the parameter under the name HF checkpoints use)."""
 
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
 
-    def forward(self, x):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * rstd * self.weight.float()).to(self.weight.dtype)
+    def forward(self, x, backend="torch"):
+        return add_rms_norm(x, None, self.weight, self.eps, backend=backend)[0]
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The concrete backend of each kernel for one device: decided once (MambaLanguageModel.kernels_for), logged,
+    and handed down to every layer."""
+    scan: str             # kernels.selective_scan backend
+    conv: str             # kernels.causal_conv1d backend
+    norm: str             # kernels.add_rms_norm backend
+
+    @classmethod
+    def for_scan(cls, scan: str) -> "KernelChoice":
+        # The conv and norm kernels follow the scan: fused Triton kernels together, or PyTorch together.
+        fused = "triton" if scan == "triton" else "torch"
+        return cls(scan=scan, conv=fused, norm=fused)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What the next matmul will run in: autocast's dtype when autocast is on for x's device, else the weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
 
 
 @dataclass
@@ -106,39 +130,37 @@ class SelectiveSSM(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
 
-    def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, scan_backend="ref"):
+    def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, kernels=KernelChoice.for_scan("ref")):
         """Args:
             x: (b, l, d)
             attention_mask: (b, l) bool or None; False = left padding, which never moves the state
             conv_state, ssm_state: this layer's cache tensors to fill (prefill), or None
-            scan_backend: a concrete kernels backend name
+            kernels: the concrete kernel backends (KernelChoice)
         Returns:
             (b, l, d)
-        """
-        seqlen = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)                                   # (b, 2*d_in, l)
-        x, z = xz.chunk(2, dim=1)                                              # (b, d_in, l) each
-        if attention_mask is not None:
-            # pads feed zeros to the conv, exactly as if the sequence started at its first real token
-            x = x * attention_mask[:, None, :].to(x.dtype)
-        if conv_state is not None:
-            conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))             # (b, d_in, k): last k inputs
-        x = F.silu(self.conv1d(x)[..., :seqlen])                               # (b, d_in, l)
 
+        One memory layout throughout: every (b, l, ·) activation stays token-major, as the projections produce and
+        consume it. The conv and the scan take (b, d_in, l) *views* of that storage (channels contiguous) and
+        return their outputs (and, in backward, their input gradients) the same way, so no activation is ever
+        transposed into a copy.
+        """
+        xz = self.in_proj(x)                                                   # (b, l, 2*d_in)
+        x, z = xz.chunk(2, dim=-1)                                             # (b, l, d_in) views of xz
+        x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+                          mask=attention_mask, conv_state=conv_state, backend=kernels.conv)   # (b, d_in, l) view
         x_dbl = self.x_proj(x.transpose(1, 2))                                 # (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # (b, d_in, l), bias added in the scan
-        B = B.transpose(1, 2).contiguous()                                     # (b, n, l)
-        C = C.transpose(1, 2).contiguous()                                     # (b, n, l)
-        A = -torch.exp(self.A_log.float())                                     # (d_in, n)
-        delta_bias, softplus = self.dt_proj.bias.float(), True
+        # delta with dt_proj's bias, through the module (so that adapters wrapping dt_proj act on every path)
+        delta = self.dt_proj(dt)                                               # (b, l, d_in)
+        softplus = True
         if attention_mask is not None:
             # delta = 0 at pads: exp(0 * A) = 1 and delta * B * x = 0, so h does not move
-            delta = F.softplus(delta.float() + delta_bias[None, :, None]) * attention_mask[:, None, :]
-            delta_bias, softplus = None, False
-        y = selective_scan(x, delta.contiguous(), A, B, C, D=self.D.float(), z=z, delta_bias=delta_bias,
-                           delta_softplus=softplus, return_last_state=ssm_state is not None,
-                           backend=scan_backend)                               # (b, d_in, l)
+            delta = F.softplus(delta.float()) * attention_mask[:, :, None]
+            softplus = False
+        A = -torch.exp(self.A_log.float())                                     # (d_in, n)
+        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
+                           z=z.transpose(1, 2), delta_softplus=softplus, return_last_state=ssm_state is not None,
+                           backend=kernels.scan)                               # (b, d_in, l) view of (b, l, d_in)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -148,22 +170,22 @@ class SelectiveSSM(nn.Module):
         """One token. Args: x (b, d); conv_state (b, d_in, k) and ssm_state (b, d_in, n), updated in place.
         Returns: (b, d)"""
         x, z = self.in_proj(x).chunk(2, dim=-1)                                # (b, d_in) each
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = x
-        x = torch.sum(conv_state * self.conv1d.weight[:, 0, :], dim=-1)        # (b, d_in)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x).to(z.dtype)
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                 activation="silu").to(z.dtype)                # (b, d_in)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)                                 # (b, d_in)
+        dt = self.dt_proj(dt)                                                  # (b, d_in), bias included
         A = -torch.exp(self.A_log.float())                                     # (d_in, n)
-        y = selective_state_update(ssm_state, x, dt, A, B, C, D=self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)   # (b, d_in)
+        y = selective_state_update(ssm_state, x, dt, A, B, C, D=self.D.float(), z=z, dt_softplus=True)  # (b, d_in)
         return self.out_proj(y)                                                # (b, d)
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: h + mixer(norm(h)); the residual stream optionally kept in fp32."""
+    """Pre-norm residual block. As in mamba_ssm, the residual add is fused into the norm: a block takes the
+    previous block's mixer output and the residual stream so far, and returns its own mixer output and the stream:
+
+        residual = residual + h;   h = mixer(norm(residual))
+
+    which is h_{i+1} = h_i + mixer(norm(h_i)) with the stream kept in fp32 (residual_in_fp32)."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -171,15 +193,23 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
         self.mixer = SelectiveSSM(config)
 
-    def forward(self, h, attention_mask=None, conv_state=None, ssm_state=None, scan_backend="ref"):
-        """h: (b, l, d) -> (b, l, d)"""
-        residual = h.float() if self.residual_in_fp32 else h
-        return residual + self.mixer(self.norm(h), attention_mask, conv_state, ssm_state, scan_backend)
+    def _add_norm(self, h, residual, backend):
+        residual_dtype = torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype
+        return add_rms_norm(h, residual, self.norm.weight, self.norm.eps,
+                            out_dtype=_compute_dtype(h, self.mixer.in_proj.weight), residual_dtype=residual_dtype,
+                            backend=backend)
 
-    def step(self, h, conv_state, ssm_state):
-        """h: (b, d) -> (b, d)"""
-        residual = h.float() if self.residual_in_fp32 else h
-        return residual + self.mixer.step(self.norm(h), conv_state, ssm_state)
+    def forward(self, h, residual=None, attention_mask=None, conv_state=None, ssm_state=None,
+                kernels=KernelChoice.for_scan("ref")):
+        """h: (b, l, d) the previous mixer output (the embedding for the first block); residual: (b, l, d) or None.
+        Returns (mixer output, residual), both (b, l, d)."""
+        normed, residual = self._add_norm(h, residual, kernels.norm)
+        return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
+
+    def step(self, h, residual, conv_state, ssm_state):
+        """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
+        normed, residual = self._add_norm(h, residual, "torch")
+        return self.mixer.step(normed, conv_state, ssm_state), residual
 
 
 class MambaLanguageModel(nn.Module):
@@ -198,7 +228,7 @@ class MambaLanguageModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         self.gradient_checkpointing = False
-        self._scan_backend = None   # (device type, concrete backend), resolved on first use
+        self._kernels = None        # (device type, KernelChoice), resolved on first use
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -211,17 +241,23 @@ class MambaLanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def scan_backend_for(self, device: torch.device) -> str:
-        """The concrete selective-scan backend for `device`, resolved once per device type and logged."""
-        if self._scan_backend is None or self._scan_backend[0] != device.type:
+        """The concrete selective-scan backend for `device` (see kernels_for)."""
+        return self.kernels_for(device).scan
+
+    def kernels_for(self, device: torch.device) -> KernelChoice:
+        """The concrete backend of every kernel for `device`, resolved once per device type and logged."""
+        if self._kernels is None or self._kernels[0] != device.type:
             requested = self.config.scan_backend
             try:
                 name = resolve_backend(requested, device)
             except RuntimeError as err:
                 name = resolve_backend("auto", device)
                 logger.warning("%s Falling back to scan backend %r.", err, name)
-            logger.info("selective scan backend: %s (requested %r, device %s)", name, requested, device.type)
-            self._scan_backend = (device.type, name)
-        return self._scan_backend[1]
+            choice = KernelChoice.for_scan(name)
+            logger.info("kernels on %s: selective scan %s (requested %r), causal conv %s, add+RMSNorm %s, "
+                        "LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm)
+            self._kernels = (device.type, choice)
+        return self._kernels[1]
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Empty recurrent state for `batch_size` sequences (conv states in `dtype`, SSM states in fp32)."""
@@ -238,22 +274,27 @@ class MambaLanguageModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, targets=None, attention_mask=None, cache=None):
+    def forward(self, input_ids, targets=None, attention_mask=None, cache=None, return_logits=True):
         """Args:
             input_ids: (b, l) long
             targets: (b, l) long or None; -100 marks positions left out of the loss
             attention_mask: (b, l) 1 = token, 0 = left padding; or None
             cache: an empty MambaCache (from init_cache) to fill for decoding with step(), or None
+            return_logits: False skips the (b, l, v) logits when a loss is asked for: the loss is then taken
+                chunk by chunk from the hidden states (kernels.linear_cross_entropy), which never holds the fp32
+                logits of the whole batch (what training wants)
         Returns:
-            logits (b, l, v), loss (mean cross-entropy over targets != -100) or None
+            logits (b, l, v) or None, loss (mean cross-entropy over targets != -100) or None
         """
         hidden = self._hidden_states(input_ids, attention_mask, cache)        # (b, l, d)
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
         logits = self.lm_head(hidden)                                          # (b, l, v)
         loss = None
         if targets is not None:
-            if targets.shape != input_ids.shape:
-                raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
@@ -270,18 +311,22 @@ class MambaLanguageModel(nn.Module):
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache is for batch size {cache.batch_size}, input_ids has {input_ids.shape[0]}")
         h = self.backbone.embeddings(input_ids)                                # (b, l, d)
-        backend = self.scan_backend_for(h.device)
+        kernels = self.kernels_for(h.device)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        residual = None
         for i, layer in enumerate(self.backbone.layers):
             conv_state = None if cache is None else cache.conv_states[i]
             ssm_state = None if cache is None else cache.ssm_states[i]
             if use_checkpoint:
-                h = checkpoint(layer, h, mask, None, None, backend, use_reentrant=False)
+                h, residual = checkpoint(layer, h, residual, mask, None, None, kernels, use_reentrant=False)
             else:
-                h = layer(h, mask, conv_state, ssm_state, backend)
+                h, residual = layer(h, residual, mask, conv_state, ssm_state, kernels)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        return self.backbone.norm_f(h)
+        norm_f = self.backbone.norm_f
+        hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, out_dtype=_compute_dtype(h, norm_f.weight),
+                                 backend=kernels.norm)
+        return hidden
 
     @staticmethod
     def _check_mask(attention_mask, input_ids):
@@ -316,9 +361,12 @@ class MambaLanguageModel(nn.Module):
         """step() on the bare per-layer state tensors, with no Python bookkeeping: what a CUDA graph captures and
         torch.compile traces (inference/decoder.py). token_ids (b,) -> logits (b, v); states updated in place."""
         h = self.backbone.embeddings(token_ids)                                # (b, d)
+        residual = None
         for layer, conv_state, ssm_state in zip(self.backbone.layers, conv_states, ssm_states):
-            h = layer.step(h, conv_state, ssm_state)
-        return self.lm_head(self.backbone.norm_f(h))                           # (b, v)
+            h, residual = layer.step(h, residual, conv_state, ssm_state)
+        norm_f = self.backbone.norm_f
+        hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, backend="torch")
+        return self.lm_head(hidden)                                            # (b, v)
 
     def prefill(self, input_ids, cache: MambaCache, attention_mask=None):
         """Fill an empty cache from prompts in one parallel pass; return only the last position's logits (b, v)
