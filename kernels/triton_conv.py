@@ -64,6 +64,19 @@ def _pre_activation(x_base, m_base, w_base, offs_t, mask_d, seqlen, s_xl, s_ml, 
 
 
 @triton.jit
+def _grad(x_base, m_base, w_base, dy_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
+          K: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr):
+    """g[t] = dy[t] * silu'(pre[t]) for the rows offs_t, fp32 (BL, BD); 0 past the end (those outputs do not exist)."""
+    g = tl.load(dy_base + offs_t[:, None] * s_dyl, mask=(offs_t < seqlen)[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(x_base, m_base, w_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, bias, K, HAS_MASK)
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, y_ptr,
     dim, seqlen,
@@ -121,25 +134,19 @@ def _conv_bwd_kernel(
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for blk in range(TIME_BLOCKS):
         offs_t = (pid_s * TIME_BLOCKS + blk) * BLOCK_L + tl.arange(0, BLOCK_L)
-        # g[t + i] for i = 0..K-1 (0 past the end: those outputs do not exist), each folded into dx at once.
-        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        for i in tl.static_range(K):
-            rows = offs_t + i
-            g = tl.load(dy_base + rows[:, None] * s_dyl, mask=(rows < seqlen)[:, None] & mask_d[None, :],
-                        other=0.0).to(tl.float32)                                           # (BL, BD)
-            if SILU:
-                pre = _pre_activation(x_base, m_base, w_base, rows, mask_d, seqlen, s_xl, s_ml, s_wk, bias,
-                                      K, HAS_MASK)
-                sig = tl.sigmoid(pre)
-                g = g * sig * (1.0 + pre * (1.0 - sig))
-            w = tl.load(w_base + (K - 1 - i) * s_wk, mask=mask_d, other=0.0).to(tl.float32)
-            dx += w[None, :] * g
-            if i == 0:
-                # the tile's own g: dbias and dw (x shifted by j - (K-1), L1 hits after the loads above)
-                db_acc += tl.sum(g, axis=0)
-                for j in tl.static_range(K):
-                    xj = _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
-                    dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xj, axis=0)[None, :], 0.0)
+        # The tile's own g: dbias, dw (x shifted by j - (K-1): L1 hits after _grad's loads) and dx's first term.
+        g = _grad(x_base, m_base, w_base, dy_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
+                  K, HAS_MASK, SILU)
+        db_acc += tl.sum(g, axis=0)
+        for j in tl.static_range(K):
+            xj = _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+            dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xj, axis=0)[None, :], 0.0)
+        dx = tl.load(w_base + (K - 1) * s_wk, mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
+        # g[t + i] for i = 1..K-1, recomputed from shifted loads (a loop, not unrolled: code size linear in K).
+        for i in range(1, K):
+            g = _grad(x_base, m_base, w_base, dy_base, offs_t + i, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
+                      K, HAS_MASK, SILU)
+            dx += tl.load(w_base + (K - 1 - i) * s_wk, mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
         mask_t = offs_t < seqlen
         if HAS_MASK:
             keep = tl.load(m_base + offs_t * s_ml, mask=mask_t, other=0)

@@ -157,15 +157,15 @@ def test_interp_custom_op_opcheck():
     """The custom ops' schema, fake (meta) functions and autograd registration agree with the real kernels."""
     from kernels.triton_conv import causal_conv1d_bwd_op, causal_conv1d_fwd_op
     g = torch.Generator().manual_seed(4)
+    weight = torch.randn(5, 4, generator=g, requires_grad=True)
+    bias = torch.randn(5, generator=g, requires_grad=True)
+    mask = make_mask(2, 7, "cpu", g)
     for layout in LAYOUTS:
         x = make_x(2, 5, 7, torch.float32, "cpu", layout, g).requires_grad_()
-        weight = torch.randn(5, 4, generator=g, requires_grad=True)
-        bias = torch.randn(5, generator=g, requires_grad=True)
-        mask = make_mask(2, 7, "cpu", g)
-        for args in ((x, weight, bias, mask, True), (x, weight, None, None, False)):
-            torch.library.opcheck(causal_conv1d_fwd_op, args)
-            dy = torch.randn(x.shape, generator=g)
-            torch.library.opcheck(causal_conv1d_bwd_op, (*args[:4], dy, args[4]))
+        torch.library.opcheck(causal_conv1d_fwd_op, (x, weight, bias, mask, True))
+    torch.library.opcheck(causal_conv1d_fwd_op, (x, weight, None, None, False))
+    dy = torch.randn(x.shape, generator=g)
+    torch.library.opcheck(causal_conv1d_bwd_op, (x.detach(), weight.detach(), bias.detach(), mask, dy, True))
 
 
 @interp
