@@ -1,0 +1,139 @@
+"""The one causal depthwise conv1d entry point (+ SiLU), its PyTorch reference, and the choice of backend.
+
+    y[b, c, t] = act(bias[c] + sum_{j<k} weight[c, j] * x[b, c, t - (k - 1) + j]),   x[.., t < 0] = 0
+
+the Mamba mixer's conv: nn.Conv1d(d, d, k, groups=d, padding=k - 1) cut to the first l outputs, then SiLU.
+
+Backends, all with the signature of `causal_conv1d` below:
+    "torch"   causal_conv1d_ref here: F.conv1d in fp32 (the spec, and the CPU path)
+    "triton"  kernels/triton_conv.py: one fused Triton kernel forward, one backward (CUDA, or TRITON_INTERPRET=1),
+              registered as the torch custom ops mamba_trainer::causal_conv1d_fwd / _bwd (torch.compile traces them
+              as one node each, no graph break)
+    "auto"    triton on CUDA when Triton imports, else torch
+
+Layout. x may have any strides. In the model it is a transposed view of the (b, l, 2 d) in_proj output, channels
+contiguous; it may also be a contiguous (b, d, l) tensor. y (and the gradient of x) is allocated in the same dim
+order as x (see `empty_like_order`), so that the next op reads it the way it read x.
+
+`causal_conv1d_update` is the one-token step of decoding (PyTorch), the step SelectiveSSM.step takes today.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .selective_scan import triton_importable, triton_interpreting
+
+CONV_BACKENDS = ("auto", "torch", "triton")
+ACTIVATIONS = (None, "silu")
+
+
+def resolve_conv_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Turn "auto" into a concrete backend for `device`; check that an explicit one can run there."""
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"conv backend {backend!r} is unknown; allowed: {', '.join(CONV_BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
+    if backend == "triton" and not (triton_importable() and (device.type == "cuda" or triton_interpreting())):
+        why = ("Triton is not installed (pip install triton)" if not triton_importable()
+               else f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run them on the CPU")
+        raise RuntimeError(f"conv backend 'triton' cannot run here: {why}. Use backend='torch' or 'auto'.")
+    return backend
+
+
+def channels_contiguous(x: torch.Tensor) -> bool:
+    """True when x (b, d, l) is a transposed view of (b, l, d)-ordered storage (channels contiguous)."""
+    return x.stride(1) == 1 and x.stride(2) != 1
+
+
+def empty_like_order(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty (b, d, l) tensor in x's dim order: a transposed view of a contiguous (b, l, d) tensor when x's
+    channels are contiguous, else contiguous (b, d, l)."""
+    b, d, l = x.shape
+    dtype = dtype or x.dtype
+    if channels_contiguous(x):
+        return torch.empty(b, l, d, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(b, d, l, device=x.device, dtype=dtype)
+
+
+def fill_conv_state(conv_state, x, mask=None):
+    """conv_state (b, d, k) <- the last k (masked) inputs of x (b, d, l), zero-padded on the left when l < k."""
+    k, l = conv_state.shape[-1], x.shape[-1]
+    last = x[..., max(l - k, 0):]                                              # (b, d, min(l, k))
+    if mask is not None:
+        last = last.masked_fill(~mask[:, None, max(l - k, 0):], 0)
+    conv_state.copy_(F.pad(last, (k - last.shape[-1], 0)))
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation="silu", mask=None, conv_state=None):
+    """The spec: F.conv1d in fp32, depthwise, padded by k - 1 on the left. Signature of `causal_conv1d`."""
+    batch, dim, seqlen = x.shape
+    k = weight.shape[1]
+    out = empty_like_order(x)                                                  # y in x's dim order
+    if mask is not None:
+        x = x.masked_fill(~mask[:, None, :], 0)                                # pads feed zeros to the conv
+    if conv_state is not None:
+        fill_conv_state(conv_state, x)
+    y = F.conv1d(x.float(), weight.float()[:, None, :], bias.float() if bias is not None else None,
+                 padding=k - 1, groups=dim)[..., :seqlen]                      # (b, d, l) fp32
+    if activation == "silu":
+        y = F.silu(y)
+    return out.copy_(y)
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state=None, backend="auto"):
+    """Causal depthwise conv1d over time, with SiLU fused.
+
+    Args:
+        x: (b, d, l), any float dtype, any strides (channels-contiguous views are the model's case)
+        weight: (d, k), any float dtype (the model passes conv1d.weight[:, 0, :]); k <= 16
+        bias: (d,) or None
+        activation: "silu" or None
+        mask: (b, l) bool or None; False marks left padding, whose inputs count as zeros
+        conv_state: (b, d, k) or None; if given, filled in place with the last k (masked) inputs, zero-padded on
+            the left when l < k (what decoding continues from)
+        backend: "auto", "torch" or "triton"
+    Returns:
+        y: (b, d, l) in x's dtype and x's dim order
+    """
+    _check(x, weight, bias, activation, mask, conv_state)
+    name = resolve_conv_backend(backend, x.device)
+    if name == "torch":
+        return causal_conv1d_ref(x, weight, bias, activation, mask, conv_state)
+    from .triton_conv import causal_conv1d_triton
+    if conv_state is not None:
+        fill_conv_state(conv_state, x, mask)                                   # prefill only: PyTorch is fine
+    return causal_conv1d_triton(x, weight, bias, activation, mask)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
+    """One decoding step: conv_state (b, d, k) shifts left by one and takes x (b, d) as its last column, in place;
+    returns act(sum_j conv_state[.., j] * weight[:, j] + bias) (b, d) in x's dtype (computed in fp32)."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = torch.sum(conv_state.float() * weight.float(), dim=-1)                 # (b, d)
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def _check(x, weight, bias, activation, mask, conv_state):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, d, L), got shape {tuple(x.shape)}")
+    batch, dim, seqlen = x.shape
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight must be (d={dim}, k), got {tuple(weight.shape)} (pass conv1d.weight[:, 0, :])")
+    if not 1 <= weight.shape[1] <= 16:
+        raise ValueError(f"conv width k must be 1 to 16, got {weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (dim,):
+        raise ValueError(f"bias must have shape ({dim},), got {tuple(bias.shape)}")
+    if mask is not None and (tuple(mask.shape) != (batch, seqlen) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool ({batch}, {seqlen}), got {mask.dtype} {tuple(mask.shape)}")
+    if conv_state is not None and tuple(conv_state.shape) != (batch, dim, weight.shape[1]):
+        raise ValueError(f"conv_state must have shape ({batch}, {dim}, {weight.shape[1]}), "
+                         f"got {tuple(conv_state.shape)}")
