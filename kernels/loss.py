@@ -84,13 +84,17 @@ class LinearCrossEntropy(torch.autograd.Function):
                 end = min(start + chunk_tokens, n)
                 h_c, t_c, v_c = h[start:end], safe_targets[start:end], valid[start:end]
                 logits = (h_c @ w.t()).float()                                   # (n_c, V) fp32
-                lse = torch.logsumexp(logits, dim=-1)                            # (n_c,)
                 target_logit = logits.gather(1, t_c[:, None]).squeeze(1)         # (n_c,)
+                # logsumexp by hand, in place over the logits (torch.logsumexp would allocate another (n_c, V))
+                row_max = logits.amax(dim=-1, keepdim=True)                      # (n_c, 1)
+                exp = logits.sub_(row_max).exp_()                                # (n_c, V) exp(logit - max)
+                sum_exp = exp.sum(dim=-1, keepdim=True)                          # (n_c, 1)
+                lse = (row_max + sum_exp.log()).squeeze(1)                       # (n_c,)
                 loss_sum = loss_sum + torch.where(v_c, lse - target_logit, 0.0).sum()
                 if need_dh or need_dw:
-                    # dlogits = (softmax - onehot) * valid / n_valid, in place over the fp32 logits
-                    probs = logits.sub_(lse[:, None]).exp_()
-                    probs.scatter_add_(1, t_c[:, None], torch.full_like(lse[:, None], -1.0))
+                    # dlogits = (softmax - onehot) * valid / n_valid, in place
+                    probs = exp.div_(sum_exp)
+                    probs.scatter_add_(1, t_c[:, None], torch.full_like(target_logit[:, None], -1.0))
                     probs.mul_((v_c.to(torch.float32) * inv_valid)[:, None])
                     dlogits = probs.to(compute_dtype)                             # (n_c, V)
                     if need_dh:
