@@ -1,5 +1,9 @@
-"""Selective-scan kernels: one entry point, several backends (see selective_scan.py)."""
+"""Kernels: one entry point per operation (selective scan, state update, add+RMSNorm, LM-head loss), each choosing
+its backend in one place."""
+from .loss import linear_cross_entropy
+from .norm import add_rms_norm
 from .selective_scan import BACKENDS, available_backends, resolve_backend, selective_scan
 from .state_update import selective_state_update
 
-__all__ = ["selective_scan", "selective_state_update", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = ["selective_scan", "selective_state_update", "add_rms_norm", "linear_cross_entropy", "available_backends",
+           "resolve_backend", "BACKENDS"]
