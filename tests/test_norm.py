@@ -168,6 +168,27 @@ def test_interp_no_graph_breaks():
 
 
 @interp
+def test_interp_compiled_backward():
+    """torch.compile (aot_eager: the custom ops' fake and autograd registrations, no Inductor) with fullgraph: the
+    compiled forward and backward equal the eager Triton ones."""
+    torch._dynamo.reset()
+    x, _, weight = make_inputs((2, 5, 16), torch.float32, None, "cpu", 12)
+    x.requires_grad_()
+    weight.requires_grad_()
+
+    def blocks(x, w):
+        h, res = add_rms_norm(x, None, w, out_dtype=torch.bfloat16, backend="triton")
+        h, res = add_rms_norm(torch.tanh(h), res, w, out_dtype=torch.bfloat16, backend="triton")
+        out, _ = add_rms_norm(h, res, w, backend="triton")
+        return (out * torch.arange(16.0)).sum()
+
+    compiled = torch.compile(blocks, backend="aot_eager", fullgraph=True)
+    results = [(loss, *torch.autograd.grad(loss, (x, weight))) for loss in (compiled(x, weight), blocks(x, weight))]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@interp
 def test_interp_opcheck():
     """torch.library.opcheck: the fake implementations, schemas and autograd registration agree with the kernels."""
     x, residual, weight = make_inputs((6, 33), torch.bfloat16, torch.float32, "cpu", 8)
