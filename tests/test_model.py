@@ -168,9 +168,10 @@ def test_backend_is_logged_once_and_fallback_warns(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="models.mamba"):
         model(x)
         model(x)
-    infos = [r for r in caplog.records if r.levelno == logging.INFO and "scan backend" in r.getMessage()]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and "selective scan" in r.getMessage()]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(infos) == 1 and "chunked" in infos[0].getMessage() and "'triton'" in infos[0].getMessage()
+    assert "causal conv torch" in infos[0].getMessage() and "add+RMSNorm torch" in infos[0].getMessage()
     assert len(warnings) == 1 and "triton" in warnings[0].getMessage() and "Falling back" in warnings[0].getMessage()
 
 
@@ -308,7 +309,11 @@ def test_blocks_are_usable_alone():
     block = MambaBlock(cfg)
     assert isinstance(block.mixer, SelectiveSSM)
     h = torch.randn(2, 5, 24)
-    assert block(h, scan_backend="ref").shape == (2, 5, 24)
+    out, residual = block(h)
+    assert out.shape == (2, 5, 24) and residual.dtype == torch.float32
+    # residual + h, then the mixer of its norm: the pre-norm block h + mixer(norm(h)) in two pieces
+    torch.testing.assert_close(residual, h)
+    torch.testing.assert_close(out, block.mixer(block.norm(h)))
 
 
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
@@ -321,9 +326,11 @@ def test_bf16_weights_and_the_residual_stream_dtype(residual_in_fp32):
         h = model.backbone.embeddings(x)
         block = model.backbone.layers[0]
         residual_dtype = torch.float32 if residual_in_fp32 else torch.bfloat16
-        assert block(h, scan_backend="ref").dtype == residual_dtype
+        out_h, residual = block(h)
+        assert residual.dtype == residual_dtype and out_h.dtype == torch.bfloat16
         cache = model.init_cache(2)
-        assert block.step(h[:, 0], cache.conv_states[0], cache.ssm_states[0]).dtype == residual_dtype
+        _, residual = block.step(h[:, 0], None, cache.conv_states[0], cache.ssm_states[0])
+        assert residual.dtype == residual_dtype
     assert full.dtype == torch.bfloat16 and torch.isfinite(full.float()).all() and out.shape == (2, 9)
 
 

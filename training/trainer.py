@@ -139,7 +139,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
-                    _, loss = self.model(x, targets=y)
+                    _, loss = self.model(x, targets=y, return_logits=False)
                 weight = x.shape[0] / total_rows     # rows carry equal token counts: exact mean over the step
                 self.scaler.scale(loss * weight).backward()
             loss_sum += loss.detach().float() * weight
@@ -198,7 +198,7 @@ class Trainer:
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self.precision.autocast():
-                _, loss = self.raw_model(x.to(self.device), targets=y.to(self.device))
+                _, loss = self.raw_model(x.to(self.device), targets=y.to(self.device), return_logits=False)
             total[0] += loss.double() * y.numel()
             total[1] += y.numel()
         self.raw_model.train()
