@@ -60,8 +60,9 @@ def check_conv(batch, dim, seqlen, k, dtype=torch.float32, device="cpu", layout=
     results = {}
     for backend in ("triton", "torch"):
         state = torch.full((batch, dim, k), float("nan"), device=device, dtype=dtype) if with_state else None
-        y = causal_conv1d(x, weight, bias, activation=activation, mask=mask, conv_state=state, backend=backend)
-        results[backend] = (y, state, torch.autograd.grad(y, leaves, grad_outputs=dy))
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):      # an fp32 reference on CUDA too
+            y = causal_conv1d(x, weight, bias, activation=activation, mask=mask, conv_state=state, backend=backend)
+            results[backend] = (y, state, torch.autograd.grad(y, leaves, grad_outputs=dy))
     (y, state, grads), (y_ref, state_ref, grads_ref) = results["triton"], results["torch"]
     assert y.dtype == dtype and y.shape == (batch, dim, seqlen)
     assert y.stride() == y_ref.stride() == _order_strides(x), (y.stride(), x.stride())
