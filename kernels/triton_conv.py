@@ -25,6 +25,14 @@ Register tiles cannot be shifted along time, so the g[t + i] of dx are recompute
 (k pre-activations per element; the loads are L1/L2 hits). A program walks TIME_BLOCKS tiles down the sequence,
 summing dw and dbias in registers, and writes one fp32 partial per (batch, time segment); the launcher sums them
 (a few MB at most, deterministic, no atomics).
+
+Not measured yet (written without a GPU): the backward evaluates k sigmoids per element (two SFU instructions each),
+which at k = 4 may bound it above the DRAM floor; if bench/bench_conv.py shows that, shifting one g tile through
+shared memory (tl.gather) instead of recomputing it is the next step.
+
+Both launchers are wrapped as torch custom ops (mamba_trainer::causal_conv1d_fwd and ::causal_conv1d_bwd, the
+latter the former's registered autograd), with fake implementations that allocate exactly what the kernels return,
+so that torch.compile traces a call as one node without a graph break.
 """
 from __future__ import annotations
 

@@ -60,8 +60,9 @@ def check_conv(batch, dim, seqlen, k, dtype=torch.float32, device="cpu", layout=
     results = {}
     for backend in ("triton", "torch"):
         state = torch.full((batch, dim, k), float("nan"), device=device, dtype=dtype) if with_state else None
-        y = causal_conv1d(x, weight, bias, activation=activation, mask=mask, conv_state=state, backend=backend)
-        results[backend] = (y, state, torch.autograd.grad(y, leaves, grad_outputs=dy))
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):      # an fp32 reference on CUDA too
+            y = causal_conv1d(x, weight, bias, activation=activation, mask=mask, conv_state=state, backend=backend)
+            results[backend] = (y, state, torch.autograd.grad(y, leaves, grad_outputs=dy))
     (y, state, grads), (y_ref, state_ref, grads_ref) = results["triton"], results["torch"]
     assert y.dtype == dtype and y.shape == (batch, dim, seqlen)
     assert y.stride() == y_ref.stride() == _order_strides(x), (y.stride(), x.stride())
@@ -261,17 +262,20 @@ def test_update_steps_continue_the_prefill(dtype):
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
-@pytest.mark.parametrize("k,flags,stride_one", [(4, True, "d"), (4, True, "l"), (2, False, "d"), (8, True, None)])
-def test_kernels_compile_for_hopper(k, flags, stride_one):
+@pytest.mark.parametrize("shape,k,flags,stride_one", [((8, 1536, 2048), 4, True, "d"), ((8, 1536, 2048), 4, True, "l"),
+                                                      ((3, 129, 1), 2, False, "d"), ((2, 24, 97), 8, True, None)])
+def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
     """Compile both kernels for sm_90 (no GPU needed: Triton ships ptxas), with the stride Triton specialises to 1
-    on either axis, so that a kernel the compiler rejects fails CI and not the first GPU run."""
+    on either axis (or none), so that a kernel the compiler rejects fails CI and not the first GPU run."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import kernels.triton_conv as tc
 
-    x = torch.empty(8, 2048, 3072)[..., :1536].transpose(1, 2) if stride_one == "d" else torch.empty(8, 1536, 2048)
+    batch, dim, seqlen = shape
+    x = (torch.empty(batch, seqlen, 2 * dim)[..., :dim].transpose(1, 2) if stride_one == "d"
+         else torch.empty(batch, dim, seqlen))
     unit = {"d": ("s_xd", "s_yd", "s_dyd", "s_dxd"), "l": ("s_xl", "s_yl", "s_dyl", "s_dxl"), None: ()}[stride_one]
     for fn, cfg in ((tc._conv_fwd_kernel, tc.fwd_config(x)), (tc._conv_bwd_kernel, tc.bwd_config(x, k))):
         num_warps = cfg.pop("num_warps")
