@@ -247,8 +247,11 @@ def _scan_bwd_kernel(
             delta = delta_next.to(tl.float32)
             B = B_next.to(tl.float32)
             t_next = t + BLOCK_L
-            mask_td_next = (t_next < seqlen)[:, None] & mask_d[None, :] & (c + 1 < c_end)
-            mask_tn_next = (t_next < seqlen)[:, None] & mask_n[None, :] & (c + 1 < c_end)
+            # Next chunk's steps, none past the segment (t_next < c_end * BLOCK_L is c + 1 < c_end, per element:
+            # masks are built from block tensors only, see notes/triton39.md).
+            mask_t_next = (t_next < seqlen) & (t_next < c_end * BLOCK_L)
+            mask_td_next = mask_t_next[:, None] & mask_d[None, :]
+            mask_tn_next = mask_t_next[:, None] & mask_n[None, :]
             u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
             delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
             B_next = tl.load(B_base + t_next[:, None], mask=mask_tn_next, other=0.0)
@@ -288,8 +291,10 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 zv = z_next.to(tl.float32)
             t_next = t - BLOCK_L
-            mask_td_next = (c > c_first) & mask_d[None, :] & (t_next >= 0)[:, None]
-            mask_tn_next = (c > c_first) & mask_n[None, :] & (t_next >= 0)[:, None]
+            # Previous chunk's steps, none before the segment (t_next >= c_first * BLOCK_L is c > c_first).
+            mask_t_next = t_next >= c_first * BLOCK_L
+            mask_td_next = mask_t_next[:, None] & mask_d[None, :]
+            mask_tn_next = mask_t_next[:, None] & mask_n[None, :]
             u_next = tl.load(u_base + t_next[:, None], mask=mask_td_next, other=0.0)
             delta_next = tl.load(delta_base + t_next[:, None], mask=mask_td_next, other=0.0)
             dy_next = tl.load(dy_base + t_next[:, None], mask=mask_td_next, other=0.0)
