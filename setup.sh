@@ -17,7 +17,8 @@ else
 fi
 
 # A CUDA build of torch brings the Triton it was built with; a CPU build brings none. Without a GPU the tests run
-# the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1), at the version they were written against.
+# the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1), at the GPU machine's version (.ci/run also runs
+# the interpreter suites on 3.7.1 and 3.9.0).
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && ! "$PY" -c "import triton" 2>/dev/null; then
     echo "setup: installing Triton 3.6.0"
     "$PY" -m pip install "triton==3.6.0"
