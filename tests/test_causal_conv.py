@@ -307,6 +307,16 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         assert len(kernel.asm["cubin"]) > 0
+    # the decoding step's kernel, with the state's last axis contiguous (the cache's layout)
+    fn = tc._conv_update_kernel
+    constexprs = dict(K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=flags, SILU=flags,
+                      BLOCK_D=min(256, triton.next_power_of_2(dim)), s_sk=1)
+    signature = {name: "constexpr" if name in constexprs else
+                 ("*bf16" if name in ("x_ptr", "y_ptr", "state_ptr") else "*fp32") if name.endswith("_ptr") else "i32"
+                 for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert len(kernel.asm["cubin"]) > 0
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
