@@ -52,7 +52,7 @@ def _find_resume_checkpoint(overrides, config_file) -> Path:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--resume: {err}") from None
     if found is None:
-        raise ConfigError(f"--resume: no complete checkpoint under {str(where)!r} ({what}); "
+        raise ConfigError(f"--resume: no complete, intact checkpoint under {str(where)!r} ({what}); "
                           f"start a new run without --resume")
     if not (found / ckpt.STATE_FILE).is_file() or not (found / ckpt.TRAIN_CONFIG_FILE).is_file():
         raise ConfigError(f"--resume: {str(found)!r} holds weights but no training state; use --init_from to "
@@ -92,14 +92,16 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     from configs.model_sizes import model_config
     from models import MambaLanguageModel
     from models.hf_format import read_config
-    from utils.tokenizer import Tokenizer
 
     # -- settings: a resumed run starts from its saved config
     resume_from = None
     base = None
     if overrides.get("resume") or (config_file and "resume" in _peek(config_file)):
         resume_from = _find_resume_checkpoint(overrides, config_file)
-        base = ckpt.load_train_config(resume_from)
+        try:
+            base = ckpt.load_train_config(resume_from)
+        except ValueError as err:
+            raise ConfigError(f"--resume: {err}") from None
         base.update(stop_at_step=None, resume=None)    # settings of the earlier session, not of the run
     req = dict(base or {})
     req.update(_peek(config_file) if config_file else {})
@@ -136,7 +138,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         init_dir = resume_from
     elif cfg.init_from:
         try:
-            init_dir = ckpt.find_latest_checkpoint(cfg.init_from)
+            init_dir = ckpt.find_latest_checkpoint(cfg.init_from, for_inference=True)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--init_from: {err}") from None
         if init_dir is None:
@@ -145,7 +147,10 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         if not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{str(init_dir)!r} has no tokenizer.json; a checkpoint must carry the tokenizer its "
                               f"model was trained with")
-        tokenizer = Tokenizer.load(init_dir)
+        try:
+            tokenizer = ckpt.load_tokenizer(init_dir)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # -- data: rank 0 prepares (or reuses) the shards, the others then read them
     if dist.enabled and not dist.is_main:
@@ -199,7 +204,10 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             for note in notes:
                 log(f"memory: {note}")
 
-    resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    try:
+        resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--resume: {err}") from None
     trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
                       log=log)
 
