@@ -175,6 +175,40 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: di
     return written
 
 
+def needed_bytes(run_dir: Path, model, training_state: dict) -> int:
+    """About how many bytes one checkpoint takes: the last one written, else the tensors it will hold."""
+    done = [p for _, p in list_step_dirs(run_dir) if is_complete(p)]
+    if done:
+        return checkpoint_bytes(done[-1])
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensors(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors(v) for v in obj)
+        return 0
+    return total + tensors(training_state)
+
+
+def describe_failed_save(run_dir: Path, step: int, err: OSError, model, training_state: dict) -> str:
+    """One sentence: what failed, how much space a checkpoint needs and how much is free, what is intact."""
+    run_dir = Path(run_dir)
+    need = needed_bytes(run_dir, model, training_state)
+    where = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    prev = find_latest_checkpoint(run_dir, log=lambda m: None) if run_dir.is_dir() else None
+    reason = f"{err.strerror or err}" + (f": {err.filename}" if getattr(err, "filename", None) else "")
+    return (f"could not write the checkpoint of step {step} in {run_dir} ({reason}); a checkpoint needs about "
+            f"{need / 2**20:,.1f} MiB ({free}, and write permission); the previous one "
+            f"({prev if prev else 'none yet'}) is intact")
+
+
 def _copy_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.name in (MARKER, MANIFEST) or not f.is_file():

@@ -21,6 +21,7 @@ from . import distributed as dist_utils
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
 from .precision import resolve_device, resolve_precision
+from .stop import StopNow, StopRequested
 from .trainer import Trainer, TrainingStopped
 
 CHECKPOINTS = Path("checkpoints")
@@ -208,8 +209,12 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--resume: {err}") from None
-    trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
-                      log=log)
+    try:
+        trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
+                          log=log)
+    except OSError as err:      # the run directory cannot be created or written
+        raise ConfigError(f"cannot write to the run directory {str(run_dir)!r} ({err.strerror or err}); choose "
+                          f"a writable --out_dir or --run_name") from None
 
     world = dist.world_size
     log("\n".join([
@@ -249,10 +254,21 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        where = f" in {trainer.run_dir}; continue with --resume" if trainer is not None else ""
-        print(f"\ninterrupted: the newest complete checkpoint is intact{where}", file=sys.stderr)
-        return 130
+    except StopRequested as stop:
+        if trainer.dist.is_main:
+            print(f"\n{stop}: checkpoint {stop.checkpoint}\ncontinue exactly where it stopped with:  "
+                  f"python train.py --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    except (KeyboardInterrupt, StopNow) as err:
+        code = 128 + err.signum if isinstance(err, StopNow) else 130
+        what = f"{err}: stopped at once" if isinstance(err, StopNow) else "interrupted"
+        where = ""
+        if trainer is not None:
+            prev = ckpt.find_latest_checkpoint(trainer.run_dir, log=lambda m: None)
+            where = (f"; the newest complete checkpoint ({prev}) is intact; continue with:  python train.py "
+                     f"--resume {trainer.run_dir}" if prev else "; no checkpoint had been written yet")
+        print(f"\n{what}{where}", file=sys.stderr, flush=True)
+        return code
     finally:
         dist_utils.teardown()
     if trainer.dist.is_main:
