@@ -25,6 +25,8 @@ from .stop import StopNow, StopRequested
 from .trainer import Trainer, TrainingStopped
 
 CHECKPOINTS = Path("checkpoints")
+MAX_PASSES = 4          # more passes over the same training tokens than this: say so (and, for the built-in
+                        # corpus with no step count given, train fewer steps)
 
 
 def _say(msg: str) -> None:
@@ -168,6 +170,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             f"seq_len + 1 = {cfg.seq_len + 1}, so there will be no evaluation (and no best/ checkpoint). "
             f"Add documents, raise --val_fraction or lower --seq_len.")
 
+    user_keys = set(overrides) | (set(_peek(config_file)) if config_file else set())
+    builtin = data.manifest.get("identity", {}).get("source", {}).get("kind") == "builtin"
+    cfg = plan_passes(cfg, len(data.train_tokens), dist.world_size, builtin,
+                      steps_given="max_steps" in user_keys or resume_from is not None, log=log)
+
     # -- the model
     try:
         expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, scan_backend=cfg.scan_backend)
@@ -232,8 +239,43 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
         f"schedule     {cfg.training}: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
+        describe_passes(cfg, len(data.train_tokens), world),
     ]))
     return trainer
+
+
+def plan_passes(cfg: TrainConfig, train_tokens: int, world: int, builtin: bool, steps_given: bool,
+                log=_say) -> TrainConfig:
+    """Say how many passes over the training tokens the run makes; size a default run on the built-in corpus.
+
+    On the built-in corpus with no step count given (flag, JSON file or resumed run), a schedule of more than
+    MAX_PASSES passes is shortened to MAX_PASSES (warmup and intervals shortened with it), and said plainly.
+    Any other run above MAX_PASSES gets a warning suggesting more data or fewer steps.
+    """
+    per_step = cfg.tokens_per_step * world
+    passes = cfg.max_steps * per_step / max(1, train_tokens)
+    if passes > MAX_PASSES and builtin and not steps_given:
+        steps = max(1, int(MAX_PASSES * train_tokens // per_step))
+        log(f"built-in corpus: {cfg.max_steps:,} steps of {per_step:,} tokens would be {passes:,.0f} passes over "
+            f"its {train_tokens:,} training tokens, so this run trains {steps:,} steps ({MAX_PASSES} passes). "
+            f"Give --max_steps to choose, or --data_dir with more documents")
+        cfg = dataclasses.replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)),
+                                  eval_interval=min(cfg.eval_interval, max(1, steps // 5)),
+                                  checkpoint_interval=min(cfg.checkpoint_interval, steps))
+    return cfg
+
+
+def describe_passes(cfg: TrainConfig, train_tokens: int, world: int) -> str:
+    """The start-up line on data repetition, with a warning line above MAX_PASSES."""
+    per_step = cfg.tokens_per_step * world
+    passes = cfg.max_steps * per_step / max(1, train_tokens)
+    line = (f"passes       {cfg.max_steps:,} steps x {per_step:,} tokens = {cfg.max_steps * per_step:,} planned "
+            f"tokens = {passes:.2f} passes (epochs) over the {train_tokens:,} training tokens")
+    if passes > MAX_PASSES:
+        line += (f"\nwarning: {passes:,.0f} passes over the same data: the model will memorise it rather than learn "
+                 f"more from it. Add documents (--data_dir) or train fewer steps (--max_steps "
+                 f"{max(1, int(MAX_PASSES * train_tokens // per_step)):,} is {MAX_PASSES} passes)")
+    return line
 
 
 def _peek(config_file: str) -> dict:
