@@ -217,30 +217,39 @@ def _wait_for_step(run, step, proc, timeout=120):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_stops_after_the_step_and_resume_is_exact(corpus, tmp_path, sig, code):
-    """N steps straight == a real signal to a real process at some step k + --resume: bit-identical."""
-    n = 60
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    extra = ("--max_steps", str(n), "--checkpoint_interval", "1000", "--eval_interval", "7")
-    proc = _popen(corpus, straight, *extra)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+SIGNAL_STEPS = 40
+SIGNAL_FLAGS = ("--max_steps", str(SIGNAL_STEPS), "--checkpoint_interval", "1000", "--eval_interval", "7")
 
-    proc = _popen(corpus, stopped, *extra)
+
+@pytest.fixture(scope="module")
+def straight(corpus):
+    """The uninterrupted run the stopped ones are compared with (a subprocess, like them)."""
+    out = corpus / "straight"
+    proc = _popen(corpus, out, *SIGNAL_FLAGS)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_after_the_step_and_resume_is_exact(corpus, straight, tmp_path, sig, code):
+    """N steps straight == a real signal to a real process at some step k + --resume: bit-identical."""
+    stopped = tmp_path / "stopped"
+    proc = _popen(corpus, stopped, *SIGNAL_FLAGS)
     _wait_for_step(stopped, 5, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     no_traceback(err)
     assert proc.returncode == code, err
     k = ck.load_training_state(ck.find_latest_checkpoint(stopped))["step"]
-    assert 5 <= k < n, err
+    assert 5 <= k < SIGNAL_STEPS, err
     assert f"stopped by {sig.name} after step {k}" in err and f"--resume {stopped}" in err
 
-    proc = subprocess.run([sys.executable, "train.py", *args(corpus, stopped, "--resume", *extra)], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "train.py", *args(corpus, stopped, "--resume", *SIGNAL_FLAGS)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert same_weights(straight / ck.step_dir_name(n), stopped / ck.step_dir_name(n))
+    last = ck.step_dir_name(SIGNAL_STEPS)
+    assert same_weights(straight / last, stopped / last)
     for key in ("loss", "grad_norm", "val_loss"):
         assert rows(straight, key) == rows(stopped, key), key
 
