@@ -15,7 +15,7 @@ def test_presets_combine_and_overrides_win(tmp_path):
     assert cfg.vram == "cpu" and cfg.model_size == "tiny" and cfg.training == "default"
     assert cfg.max_steps == CPU_PRESET["schedule"]["max_steps"]
     assert cfg.seq_len == CPU_PRESET["layout"]["seq_len"]
-    assert cfg.lr == TRAINING_PRESETS["default"]["lr"]
+    assert cfg.lr == CPU_PRESET["schedule"]["lr"]      # the CPU preset sets its own rate (a tiny model, 500 steps)
 
     gb = 24 * GIB
     cfg = resolve_config({"training": "careful"}, device_type="cuda", total_memory_bytes=gb)
