@@ -5,6 +5,8 @@ point within 0.1 GiB) to the peak allocated memory of real training steps on an 
 (BENCHMARKS.md, section memory, has the measurements and the command):
     weights fp32 + grads fp32 + AdamW moments + bf16 weight copies    17.85 bytes per parameter
     logits (bf16), their fp32 copy for the loss and its gradient      14.1 bytes per token per vocabulary entry
+        (measured with the plain loss; the trainer now takes the chunked loss, kernels/loss.py, whose logits live
+        one chunk at a time: see _loss_bytes, derived from the chunk size, not yet measured on a GPU)
     activations saved for backward, without checkpointing            22.5 bytes per token per layer per d_inner
     with checkpointing: each block's input + one block recomputed    3.54 per d_model per layer + 7.2 per d_inner
 The chunked PyTorch scan keeps about 1.47x the triton scan's activations (measured for medium at 8 x 2048).
@@ -52,9 +54,19 @@ def estimate_peak_memory(n_params: int, d_model: int, d_inner: int, n_layer: int
     else:
         per_token = act_scale * n_layer * ACT_BYTES_PER_D_INNER * d_inner
     activations = tokens * per_token
-    logits = tokens * vocab_padded * LOGIT_BYTES
+    logits = _loss_bytes(tokens, vocab_padded, d_model)
     total = OVERHEAD * (states + activations + logits)
     return MemoryEstimate(states, activations, logits, total)
+
+
+def _loss_bytes(tokens: int, vocab_padded: int, d_model: int) -> float:
+    """Peak memory of the chunked LM loss (kernels/loss.py): one chunk's fp32 logits (CHUNK_BYTES on CUDA), their
+    bf16 copy and bf16 gradient (half as much each), plus the gradients it keeps for the backward (dhidden per token
+    in fp32 at most, dW fp32); never more than the plain loss's measured LOGIT_BYTES per token and vocabulary entry."""
+    from kernels.loss import CHUNK_BYTES
+    chunk = min(CHUNK_BYTES["cuda"], tokens * vocab_padded * 4)
+    chunked = 2 * chunk + 4 * tokens * d_model + 4 * vocab_padded * d_model
+    return min(chunked, tokens * vocab_padded * LOGIT_BYTES)
 
 
 def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: int,
