@@ -127,16 +127,16 @@ class SelectiveSSM(nn.Module):
 
         x_dbl = self.x_proj(x.transpose(1, 2))                                 # (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # (b, d_in, l), bias added in the scan
+        delta = self.dt_proj(dt).transpose(1, 2)                               # (b, d_in, l), with its bias
         B = B.transpose(1, 2).contiguous()                                     # (b, n, l)
         C = C.transpose(1, 2).contiguous()                                     # (b, n, l)
         A = -torch.exp(self.A_log.float())                                     # (d_in, n)
-        delta_bias, softplus = self.dt_proj.bias.float(), True
+        softplus = True
         if attention_mask is not None:
             # delta = 0 at pads: exp(0 * A) = 1 and delta * B * x = 0, so h does not move
-            delta = F.softplus(delta.float() + delta_bias[None, :, None]) * attention_mask[:, None, :]
-            delta_bias, softplus = None, False
-        y = selective_scan(x, delta.contiguous(), A, B, C, D=self.D.float(), z=z, delta_bias=delta_bias,
+            delta = F.softplus(delta.float()) * attention_mask[:, None, :]
+            softplus = False
+        y = selective_scan(x, delta.contiguous(), A, B, C, D=self.D.float(), z=z, delta_bias=None,
                            delta_softplus=softplus, return_last_state=ssm_state is not None,
                            backend=scan_backend)                               # (b, d_in, l)
         if ssm_state is not None:
@@ -155,10 +155,10 @@ class SelectiveSSM(nn.Module):
             x = x + self.conv1d.bias
         x = F.silu(x).to(z.dtype)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)                                 # (b, d_in)
+        dt = self.dt_proj(dt)                                                  # (b, d_in), with its bias
         A = -torch.exp(self.A_log.float())                                     # (d_in, n)
         y = selective_state_update(ssm_state, x, dt, A, B, C, D=self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)   # (b, d_in)
+                                   dt_bias=None, dt_softplus=True)             # (b, d_in)
         return self.out_proj(y)                                                # (b, d)
 
 
