@@ -31,3 +31,15 @@ NOT_HONOURED_BY_TRANSFORMERS = ("dt_proj",)
 
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
+
+
+def lora_targets(spec: str) -> tuple[list[str], bool]:
+    """--lora's value -> (module names, strict). A preset name gives its list (lenient: names a model lacks are
+    skipped); anything else is a comma-separated list of module names, each of which must exist."""
+    if spec in LORA_TARGETS:
+        return list(LORA_TARGETS[spec]), False
+    names = [n.strip() for n in spec.split(",")]
+    if not spec.strip() or not all(n.isidentifier() for n in names):
+        raise ValueError(f"lora {spec!r} is neither a preset ({', '.join(LORA_TARGETS)}) nor a comma-separated "
+                         f"list of module names such as in_proj,x_proj")
+    return names, True
