@@ -171,7 +171,7 @@ def test_dpo_starts_at_ln2_and_learns(base, use_lora):
     objective = DPOObjective(data, batch_size=8, pad_id=tok.eot_id, seed=0, reference=reference, beta=0.1)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2 if use_lora else 1e-3)
     history = []
-    for step in range(12):
+    for step in range(8):
         batch = objective.next_batch()
         loss, m = objective.loss(model.train(), batch)
         loss = loss / objective.count(batch)
@@ -182,7 +182,7 @@ def test_dpo_starts_at_ln2_and_learns(base, use_lora):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert history[-1][0] < 0.5 * LN2 and history[-1][1] == 1.0
+    assert history[-1][0] < 0.6 * LN2 and history[-1][1] == 1.0 and history[0][1] < 1.0
 
 
 def sft_args(base, data, out, *extra):
