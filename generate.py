@@ -4,6 +4,8 @@
     python generate.py --checkpoint checkpoints/run1 --temperature 0   # greedy, from a run's newest step
     python generate.py --prompt_file prompts.txt --max_new_tokens 50   # one prompt per line, as one batch
     python generate.py                                                  # on a terminal: an interactive loop
+    python generate.py --checkpoint checkpoints/chat-run --chat         # a conversation (a model trained with
+                                                                        # --task sft): one stdin line per turn
 
 The prompt is read in one parallel pass that fills the recurrent state, then each new token is one O(1) step
 (a CUDA graph on GPU), so time and memory per token do not grow with the context. Bad input (no checkpoint,
@@ -62,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help='"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"')
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation with a chat model (train.py --task sft): each stdin line is a user turn, "
+                        "answered with the chat template until the end-of-turn marker; Ctrl-D ends it")
+    p.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (fewer kernels per token; the first call compiles)")
     return p.parse_args(argv)
@@ -77,6 +83,10 @@ def check_args(args: argparse.Namespace) -> SamplingParams:
         raise UsageError("give --prompt or --prompt_file, not both")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.chat and (args.prompt is not None or args.prompt_file is not None or args.num_samples != 1):
+        raise UsageError("--chat reads the conversation from stdin; leave out --prompt, --prompt_file, --num_samples")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop strings must not be empty")
     try:
@@ -216,6 +226,42 @@ class Session:
               file=sys.stderr)
 
 
+def chat(gen: Session, system: str | None = None) -> None:
+    """A conversation: each line of stdin is a user turn; the model answers with the chat template until its
+    end-of-turn marker, and the whole conversation so far is the next prompt. Ends at EOF (Ctrl-D)."""
+    from utils.chat import END_TOKEN, encode_chat, has_chat_tokens
+    tok, args = gen.tokenizer, gen.args
+    if not has_chat_tokens(tok):
+        raise UsageError("--chat: this checkpoint's tokenizer has no chat tokens; fine-tune it on conversations "
+                         "first (train.py --task sft --data chat.jsonl)")
+    messages = [{"role": "system", "content": system}] if system else []
+    tty = sys.stdin.isatty()
+    if tty:
+        print("Chat: type a message and press Enter; Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if tty else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not tty and line == "":          # end of the piped input
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids, _ = encode_chat(tok, messages, add_generation_prompt=True)
+
+        def on_text(row: int, piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        texts, _ = generate_text(gen.decoder(1), tok, [ids], args.max_new_tokens, gen.params, gen.rng,
+                                 [END_TOKEN, *args.stop], on_text=on_text if args.stream else None)
+        sys.stdout.write("\n" if args.stream else texts[0] + "\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": texts[0]})
+
+
 def interactive(gen: Session) -> None:
     print("Interactive: type a prompt and press Enter (an empty line starts from the end-of-text token); "
           "Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
@@ -237,7 +283,7 @@ def main(argv=None) -> int:
         params = check_args(args)
         device, default_dtype = resolve_device(args.device)
         dtype = default_dtype if args.dtype == "auto" else DTYPES[args.dtype]
-        prompts = read_prompts(args)
+        prompts = None if args.chat else read_prompts(args)
         model, tokenizer, ckpt = load(args, device, dtype)
     except UsageError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
@@ -249,13 +295,18 @@ def main(argv=None) -> int:
           f"seed {seed}]", file=sys.stderr)
     gen = Session(model, tokenizer, args, params, device, seed)
     try:
-        if prompts is None:
+        if args.chat:
+            chat(gen, args.system)
+        elif prompts is None:
             interactive(gen)
         else:
             gen.run(prompts)
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
+    except UsageError as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

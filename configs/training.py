@@ -1,6 +1,7 @@
 """Training presets: the optimisation recipe, as data.
 
-Each preset sets learning rate, warmup, schedule length, weight decay, clipping and how often to evaluate.
+The fine-tuning presets (sft, lora, dpo, dpo_lora) are picked by the task when --training is not given
+(default_training). Each preset sets learning rate, warmup, schedule length, weight decay, clipping and how often to evaluate.
 They combine with a model size (configs/model_sizes.py) and a VRAM preset (configs/vram.py); any field can
 still be overridden in a JSON file (--config) or on the command line. training/config.py does the merging.
 """
@@ -50,4 +51,74 @@ TRAINING_PRESETS = {
         "eval_batches": 40,
         "checkpoint_interval": 500,
     },
+    # Full supervised fine-tuning of a trained model on conversations: a small lr (the weights are already good),
+    # no decay away from them, a short warmup.
+    "sft": {
+        "lr": 2e-5,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 30,
+        "max_steps": 1000,
+        "weight_decay": 0.0,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "grad_clip": 1.0,
+        "eval_interval": 100,
+        "eval_batches": 20,
+        "checkpoint_interval": 200,
+    },
+    # LoRA adapters (any task but DPO): only the small adapter matrices train, starting from B = 0, so a lr about
+    # ten times that of full fine-tuning (1e-4; PEFT/TRL examples use 1e-4 .. 2e-4).
+    "lora": {
+        "lr": 1e-4,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 30,
+        "max_steps": 1000,
+        "weight_decay": 0.0,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "grad_clip": 1.0,
+        "eval_interval": 100,
+        "eval_batches": 20,
+        "checkpoint_interval": 200,
+    },
+    # DPO of the full model: a very small lr (the DPO paper and TRL use 5e-7 .. 1e-6); beta is dpo_beta (0.1).
+    "dpo": {
+        "lr": 1e-6,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 30,
+        "max_steps": 1000,
+        "weight_decay": 0.0,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "grad_clip": 1.0,
+        "eval_interval": 100,
+        "eval_batches": 20,
+        "checkpoint_interval": 200,
+    },
+    # DPO with LoRA adapters: adapters need a larger step than full weights (TRL's LoRA DPO examples: 5e-6 .. 5e-5).
+    "dpo_lora": {
+        "lr": 5e-6,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 30,
+        "max_steps": 1000,
+        "weight_decay": 0.0,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "grad_clip": 1.0,
+        "eval_interval": 100,
+        "eval_batches": 20,
+        "checkpoint_interval": 200,
+    },
 }
+
+TASKS = ("lm", "sft", "dpo")
+
+# (task, LoRA?) -> the preset used when --training is not given
+TASK_PRESETS = {("lm", False): "default", ("lm", True): "lora", ("sft", False): "sft", ("sft", True): "lora",
+                ("dpo", False): "dpo", ("dpo", True): "dpo_lora"}
+
+
+def default_training(task: str, lora: bool) -> str:
+    """The training preset for a task when none is given (an unknown task falls back to "default"; the config
+    check then names it)."""
+    return TASK_PRESETS.get((task, lora), "default")

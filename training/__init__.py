@@ -3,6 +3,9 @@
     config.py      TrainConfig and how presets, a JSON file and flags combine (ConfigError for bad input)
     launch.py      what `python train.py` does: set-up, start-up summary, exit codes
     trainer.py     the loop: accumulation, clipping, non-finite skips, OOM fallback, eval, checkpoints
+    objectives.py  what a step optimises: next-token LM, SFT (answers only), DPO
+    finetune.py    fine-tuning set-up: chat tokens, LoRA adapters, the SFT/DPO objective, adapter checkpoints
+    merge_lora.py  python -m training.merge_lora: an adapter folded into a plain HF checkpoint
     optim.py       AdamW parameter groups and the warmup + cosine schedule
     precision.py   device, autocast dtype and GradScaler
     memory.py      the peak-memory estimate and the fit check

@@ -44,6 +44,7 @@ from .manifest import MANIFEST, MARKER, CheckpointDamaged, checkpoint_bytes, rea
 STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 BEST = "best"
+ADAPTER_CONFIG = "adapter_config.json"    # models/lora.py: a LoRA checkpoint holds an adapter, not weights
 _STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -62,7 +63,9 @@ def is_complete(path: Path) -> bool:
 
 
 def _has_weights(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+    """A plain HF-format model folder, or a LoRA adapter folder (PEFT format)."""
+    return ((path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)) \
+        or (path / ADAPTER_CONFIG).is_file()
 
 
 def _is_ours(path: Path) -> bool:
@@ -134,7 +137,8 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None], expect: dict | 
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: dict, training_state: dict,
-                    keep_last: int = 2, best: bool = False, write_step: bool = True) -> list[Path]:
+                    keep_last: int = 2, best: bool = False, write_step: bool = True,
+                    save_weights: Callable[[Path], None] | None = None) -> list[Path]:
     """Write step_<step>/ (and best/ if `best`) atomically, then prune old complete step folders.
 
     Args:
@@ -147,6 +151,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: di
         keep_last: complete step folders to keep (>= 2)
         best: also write best/
         write_step: write step_<step>/ (False: only best/)
+        save_weights: writes the weights into a folder; None = model.save_pretrained (LoRA: the adapter)
     Returns:
         the folders written
     """
@@ -155,7 +160,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: di
     run_dir = Path(run_dir)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        (save_weights or model.save_pretrained)(tmp)
         tokenizer.save(tmp)
         with open(tmp / TRAIN_CONFIG_FILE, "w") as f:
             json.dump(train_config, f, indent=2)
@@ -378,6 +383,11 @@ def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_bac
     ckpt = Path(path) if verified else find_latest_checkpoint(path, for_inference=True)
     if ckpt is None:
         raise FileNotFoundError(f"no complete, intact checkpoint under {str(path)!r}")
+    if (ckpt / ADAPTER_CONFIG).is_file():     # a LoRA checkpoint: its base + the adapter, merged
+        from .finetune import load_lora_checkpoint
+        model, tokenizer = load_lora_checkpoint(ckpt)
+        model.config.scan_backend = scan_backend
+        return model.to(device=device or "cpu", dtype=dtype), tokenizer, ckpt
     model = MambaLanguageModel.from_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)
     tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, ckpt

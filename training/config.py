@@ -21,7 +21,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.training import TRAINING_PRESETS
+from configs.lora import lora_targets
+from configs.training import TASKS, TRAINING_PRESETS, default_training
 from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRESETS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -39,6 +40,14 @@ class TrainConfig:
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
     training: str = "default"              # default / fast / careful (configs/training.py)
     init_from: str | None = None           # start from these weights (HF-format Mamba dir or our checkpoint)
+    task: str = "lm"                       # lm (next token on documents), sft (chat: loss on answers), dpo (preferences)
+    data: str | None = None                # the JSONL file of task sft / dpo (chat conversations / preference pairs)
+    lora: str | None = None                # LoRA adapters: a preset (minimal, attention_only, all, all_x_proj) or names a,b
+    lora_rank: int = 8                     # LoRA rank r
+    lora_alpha: float = 16.0               # LoRA scaling alpha / r (alpha / sqrt(r) with --rslora)
+    lora_dropout: float = 0.0              # dropout on the adapters' input
+    rslora: bool = False                   # rank-stabilised LoRA scaling alpha / sqrt(r)
+    dpo_beta: float = 0.1                  # DPO: strength of the pull towards the reference model
     # --- data (utils/dataset.py)
     data_dir: str | None = None            # a folder of documents; None = the embedded default corpus
     hf_dataset: str | None = None          # a HF dataset name or local path instead of data_dir
@@ -127,7 +136,35 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
         if self.data_dir is not None and self.hf_dataset is not None:
             raise ConfigError("give data_dir or hf_dataset, not both")
+        self._validate_finetune()
         return self
+
+    def _validate_finetune(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        if self.task == "lm" and self.data is not None:
+            raise ConfigError("data is the JSONL file of --task sft or dpo; for documents use --data_dir")
+        if self.task != "lm":
+            if self.data is None:
+                raise ConfigError(f"task {self.task} needs --data FILE.jsonl "
+                                  f"({'messages or prompt/completion' if self.task == 'sft' else 'prompt/chosen/rejected'} per line)")
+            if self.data_dir is not None or self.hf_dataset is not None:
+                raise ConfigError(f"task {self.task} reads --data FILE.jsonl, not data_dir / hf_dataset")
+        if (self.task != "lm" or self.lora) and not self.init_from:
+            raise ConfigError(f"{'--lora' if self.task == 'lm' else 'task ' + self.task} fine-tunes a trained model: "
+                              f"give --init_from DIR (an HF-format Mamba folder or one of our checkpoints)")
+        if self.lora is not None:
+            try:
+                lora_targets(self.lora)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be a positive integer, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.dpo_beta > 0:
+            raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
 
 
 def _model_sizes() -> tuple[str, ...]:
@@ -238,7 +275,7 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
         values.update(user)
         return TrainConfig(**values).validate()
 
-    training = user.get("training", TrainConfig.training)
+    training = user.get("training") or default_training(user.get("task", TrainConfig.task), bool(user.get("lora")))
     _check_choice("training", training, TRAINING_PRESETS)
     vram = user.get("vram", TrainConfig.vram)
     _check_choice("vram", vram, ("auto", "cpu") + VRAM_CHOICES)

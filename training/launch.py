@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import finetune
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
 from .precision import resolve_device, resolve_precision
@@ -146,6 +147,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             raise ConfigError(f"--init_from: {err}") from None
         if init_dir is None:
             raise ConfigError(f"--init_from: no model under {cfg.init_from!r}")
+        cfg.init_from = str(init_dir)       # the exact folder: a resume (and a DPO reference) rebuilds from it
     if init_dir is not None:
         if not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{str(init_dir)!r} has no tokenizer.json; a checkpoint must carry the tokenizer its "
@@ -154,54 +156,67 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             tokenizer = ckpt.load_tokenizer(init_dir)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    # a LoRA checkpoint holds the adapter; the weights under it are the base it names
+    weights_dir = finetune.adapter_base(resume_from) if resume_from is not None and cfg.lora else init_dir
 
-    # -- data: rank 0 prepares (or reuses) the shards, the others then read them
-    if dist.enabled and not dist.is_main:
-        dist_utils.barrier()
-    data = _prepare_data(cfg, tokenizer, show_progress=dist.is_main and cfg.progress)
-    if dist.enabled and dist.is_main:
-        dist_utils.barrier()
-    tokenizer = data.tokenizer if tokenizer is None else tokenizer
-    if len(data.train_tokens) <= cfg.seq_len:
-        raise ConfigError(f"the training split has {len(data.train_tokens):,} tokens, fewer than one sequence of "
-                          f"seq_len + 1 = {cfg.seq_len + 1}: add more documents or use a smaller --seq_len")
-    if len(data.val_tokens) <= cfg.seq_len:
-        log(f"warning: the validation split has {len(data.val_tokens):,} tokens, fewer than one sequence of "
-            f"seq_len + 1 = {cfg.seq_len + 1}, so there will be no evaluation (and no best/ checkpoint). "
-            f"Add documents, raise --val_fraction or lower --seq_len.")
+    if cfg.task != "lm":    # chat conversations / preference pairs from one JSONL file
+        data = finetune.load_task_data(cfg, tokenizer, log)
+        data_line = f"{len(data.train):,} train / {len(data.val):,} validation {cfg.task} examples"
+    else:
+        # -- data: rank 0 prepares (or reuses) the shards, the others then read them
+        if dist.enabled and not dist.is_main:
+            dist_utils.barrier()
+        data = _prepare_data(cfg, tokenizer, show_progress=dist.is_main and cfg.progress)
+        if dist.enabled and dist.is_main:
+            dist_utils.barrier()
+        tokenizer = data.tokenizer if tokenizer is None else tokenizer
+        if len(data.train_tokens) <= cfg.seq_len:
+            raise ConfigError(f"the training split has {len(data.train_tokens):,} tokens, fewer than one sequence "
+                              f"of seq_len + 1 = {cfg.seq_len + 1}: add more documents or use a smaller --seq_len")
+        if len(data.val_tokens) <= cfg.seq_len:
+            log(f"warning: the validation split has {len(data.val_tokens):,} tokens, fewer than one sequence of "
+                f"seq_len + 1 = {cfg.seq_len + 1}, so there will be no evaluation (and no best/ checkpoint). "
+                f"Add documents, raise --val_fraction or lower --seq_len.")
+        data_line = f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens"
 
-    user_keys = set(overrides) | (set(_peek(config_file)) if config_file else set())
-    builtin = data.manifest.get("identity", {}).get("source", {}).get("kind") == "builtin"
-    cfg = plan_passes(cfg, len(data.train_tokens), dist.world_size, builtin,
-                      steps_given="max_steps" in user_keys or resume_from is not None, log=log)
+    if cfg.task == "lm":    # passes over a token corpus (fine-tuning examples are counted by the objective)
+        user_keys = set(overrides) | (set(_peek(config_file)) if config_file else set())
+        builtin = data.manifest.get("identity", {}).get("source", {}).get("kind") == "builtin"
+        cfg = plan_passes(cfg, len(data.train_tokens), dist.world_size, builtin,
+                          steps_given="max_steps" in user_keys or resume_from is not None, log=log)
 
     # -- the model
     try:
         expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, scan_backend=cfg.scan_backend)
-        if init_dir is not None:
-            found, _ = read_config(init_dir, scan_backend=cfg.scan_backend)
+        if weights_dir is not None:
+            found, _ = read_config(weights_dir, scan_backend=cfg.scan_backend)
             if cfg.init_from:
                 expected = found              # fine-tuning: the loaded model's shape is the shape
-            _check_shape(expected, found, f"checkpoint {str(init_dir)!r}", cfg)
-            model = MambaLanguageModel.from_pretrained(init_dir, device="cpu", dtype=torch.float32,
+            _check_shape(expected, found, f"checkpoint {str(weights_dir)!r}", cfg)
+            model = MambaLanguageModel.from_pretrained(weights_dir, device="cpu", dtype=torch.float32,
                                                        scan_backend=cfg.scan_backend)
+            finetune.grow_vocab(model, tokenizer, log)    # chat tokens the tokenizer gained
         else:
             model = MambaLanguageModel(expected)
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from None
+    save_weights = finetune.attach_lora(cfg, model, weights_dir, resume_from, log) if cfg.lora else None
     n_params = model.num_parameters()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a full-weight DPO run also holds a frozen reference copy of the model
+    n_held = n_params * 2 if cfg.task == "dpo" and not cfg.lora else n_params
 
     # -- will it fit? (checked before the first step, never an out-of-memory error an hour in)
     backend = model.scan_backend_for(device)
-    est = estimate_for(model.config, n_params, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
-                       precision.name, backend)
+    est = estimate_for(model.config, n_held, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
+                       precision.name, backend, n_trainable=n_trainable)
     if device.type == "cuda" and cfg.vram != "cpu":
         budget = budget_bytes(cfg.vram, total_mem)
-        micro, accum, gc, est, notes = fit_layout(model.config, n_params, cfg.micro_batch_size,
+        micro, accum, gc, est, notes = fit_layout(model.config, n_held, cfg.micro_batch_size,
                                                   cfg.grad_accum_steps, cfg.seq_len, cfg.gradient_checkpointing,
-                                                  precision.name, budget, backend)
+                                                  precision.name, budget, backend, n_trainable=n_trainable)
         if est.total > budget:
             raise ConfigError(
                 f"model_size {cfg.model_size!r} at seq_len {cfg.seq_len} needs {est.describe()} even at "
@@ -216,9 +231,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--resume: {err}") from None
+    objective = None if cfg.task == "lm" else \
+        finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
     try:
         trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
-                          log=log)
+                          log=log, objective=objective, save_weights=save_weights)
     except OSError as err:      # the run directory cannot be created or written
         raise ConfigError(f"cannot write to the run directory {str(run_dir)!r} ({err.strerror or err}); choose "
                           f"a writable --out_dir or --run_name") from None
@@ -228,8 +245,9 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),
         f"model        {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: {n_params:,} parameters "
         f"(d_model {model.config.d_model}, "
-        f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})",
-        f"data         {len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens",
+        f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})"
+        + (f"; {n_trainable:,} trainable" if n_trainable != n_params else ""),
+        f"data         {data_line}",
         f"batch        {cfg.micro_batch_size} x {cfg.seq_len} tokens x {cfg.grad_accum_steps} accumulation"
         f"{f' x {world} processes' if world > 1 else ''} = {cfg.tokens_per_step * world:,} tokens per optimizer step",
         f"device       {device} ({'DDP ' + str(world) + ' processes, ' if world > 1 else ''}"
@@ -237,7 +255,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"{'gradient checkpointing, ' if cfg.gradient_checkpointing else ''}"
         f"{'fused ' if trainer.fused else ''}AdamW{', torch.compile' if cfg.compile else ''})",
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
-        f"schedule     {cfg.training}: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
+        f"schedule     {cfg.task} task, {cfg.training} preset: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
         describe_passes(cfg, len(data.train_tokens), world),
     ]))

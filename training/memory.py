@@ -9,6 +9,8 @@ point within 0.1 GiB) to the peak allocated memory of real training steps on an 
         one chunk at a time: see _loss_bytes, derived from the chunk size, not yet measured on a GPU)
     activations saved for backward, without checkpointing            22.5 bytes per token per layer per d_inner
     with checkpointing: each block's input + one block recomputed    3.54 per d_model per layer + 7.2 per d_inner
+Frozen weights (LoRA's base, DPO's reference) need no gradient or optimizer state: FROZEN_BYTES_PER_PARAM (the
+fp32 weight and its bf16 autocast copy; derived from the fit above, not measured separately).
 The chunked PyTorch scan keeps about 1.47x the triton scan's activations (measured for medium at 8 x 2048).
 The allocator's fragmentation comes on top (OVERHEAD), and a run plans for BUDGET_SHARE of the card.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 GIB = 2**30
 
 STATE_BYTES_PER_PARAM = 17.85
+FROZEN_BYTES_PER_PARAM = 6.0
 LOGIT_BYTES = 14.1
 ACT_BYTES_PER_D_INNER = 22.5
 CKPT_BYTES_PER_D_MODEL = 3.54
@@ -44,10 +47,12 @@ class MemoryEstimate:
 
 def estimate_peak_memory(n_params: int, d_model: int, d_inner: int, n_layer: int, vocab_padded: int,
                          micro_batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                         precision: str, backend: str = "triton") -> MemoryEstimate:
-    """Estimated peak bytes of one training step on one GPU (see the module docstring)."""
+                         precision: str, backend: str = "triton", n_trainable: int | None = None) -> MemoryEstimate:
+    """Estimated peak bytes of one training step on one GPU (see the module docstring). n_trainable: parameters
+    that train (default all); the other n_params - n_trainable are frozen."""
     act_scale = BACKEND_ACT_FACTOR[backend] * (1.0 if precision in ("bf16", "fp16") else 2.0)
-    states = STATE_BYTES_PER_PARAM * n_params
+    n_trainable = n_params if n_trainable is None else n_trainable
+    states = STATE_BYTES_PER_PARAM * n_trainable + FROZEN_BYTES_PER_PARAM * (n_params - n_trainable)
     tokens = micro_batch_size * seq_len
     if gradient_checkpointing:
         per_token = n_layer * CKPT_BYTES_PER_D_MODEL * d_model + act_scale * CKPT_RECOMPUTE_BYTES_PER_D_INNER * d_inner
@@ -70,10 +75,11 @@ def _loss_bytes(tokens: int, vocab_padded: int, d_model: int) -> float:
 
 
 def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: int,
-                 gradient_checkpointing: bool, precision: str, backend: str = "triton") -> MemoryEstimate:
+                 gradient_checkpointing: bool, precision: str, backend: str = "triton",
+                 n_trainable: int | None = None) -> MemoryEstimate:
     return estimate_peak_memory(n_params, model_config.d_model, model_config.d_inner, model_config.n_layer,
                                 model_config.padded_vocab_size, micro_batch_size, seq_len,
-                                gradient_checkpointing, precision, backend)
+                                gradient_checkpointing, precision, backend, n_trainable)
 
 
 def budget_bytes(vram: str, device_total_bytes: int | None) -> float:
@@ -85,7 +91,8 @@ def budget_bytes(vram: str, device_total_bytes: int | None) -> float:
 
 
 def fit_layout(model_config, n_params: int, micro_batch_size: int, grad_accum_steps: int, seq_len: int,
-               gradient_checkpointing: bool, precision: str, budget: float, backend: str = "triton"):
+               gradient_checkpointing: bool, precision: str, budget: float, backend: str = "triton",
+               n_trainable: int | None = None):
     """Adjust a batch layout until its estimate fits `budget`, keeping the tokens per optimizer step.
 
     First turn on gradient checkpointing, then halve the micro-batch and double accumulation.
@@ -97,7 +104,7 @@ def fit_layout(model_config, n_params: int, micro_batch_size: int, grad_accum_st
 
     def est():
         return estimate_for(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
-                            backend)
+                            backend, n_trainable)
 
     e = est()
     if e.total > budget and not gradient_checkpointing:

@@ -45,11 +45,15 @@ class Trainer:
         run_dir: the run directory
         resume_state: a checkpoint's training state (checkpoint.load_training_state), or None
         log: where start-up and event messages go (rank 0 only)
+        objective: what a step optimises (training.objectives); None = next-token LM on `data`
+        save_weights: save_weights(folder) writes the weights of a checkpoint; None = model.save_pretrained
+            (a LoRA run writes its adapter instead)
     """
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, data, device: torch.device, precision: Precision,
-                 dist: DistInfo, run_dir: Path, resume_state: dict | None = None, log=print):
-        from utils.sampler import BatchSampler
+                 dist: DistInfo, run_dir: Path, resume_state: dict | None = None, log=print, objective=None,
+                 save_weights=None):
+        from .objectives import LMObjective
 
         self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
         self.device, self.precision, self.dist = device, precision, dist
@@ -68,8 +72,10 @@ class Trainer:
         self.optimizer, self.fused = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
                                                      (cfg.beta1, cfg.beta2), device)
         self.scaler = precision.make_scaler()
-        self.sampler = BatchSampler(data.train_tokens, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
+        if objective is None:
+            objective = LMObjective(data, cfg.seq_len, cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
+        self.objective, self.sampler, self.save_weights = objective, objective.sampler, save_weights
+        self.step_metrics: dict[str, float] = {}    # the objective's own metrics of the last step (DPO rewards)
 
         self.step = 0                       # optimizer steps done (skipped ones included)
         self.tokens_seen = 0                # training tokens consumed, all ranks
@@ -79,8 +85,7 @@ class Trainer:
         self.micro_split = cfg.micro_batch_size   # rows per forward pass; halves on out-of-memory
         self.stopper = GracefulStop(log=self.log)   # SIGTERM / SIGINT: finish the step, save, stop
         self.stop_everywhere = False                # some rank was signalled (summed with the step's loss)
-        # a small corpus can leave the validation split shorter than one sequence: then there is nothing to evaluate
-        self.can_evaluate = len(data.val_tokens) > cfg.seq_len
+        self.can_evaluate = objective.can_evaluate()
         if resume_state is not None:
             self.load_state(resume_state)
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_state else None,
@@ -130,27 +135,32 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------------------------
 
     def _forward_backward(self, batches) -> torch.Tensor:
-        """Accumulate gradients of the mean loss over `batches`; returns that loss (a 0-d tensor)."""
-        total_rows = sum(x.shape[0] for x, _ in batches)
-        pieces = [(x[i:i + self.micro_split], y[i:i + self.micro_split])
-                  for x, y in batches for i in range(0, x.shape[0], self.micro_split)]
+        """Accumulate gradients of the mean loss over `batches`; returns that loss (a 0-d tensor).
+
+        A batch is a tuple of tensors with rows in dim 0 (x, y for the LM); the objective gives each piece's loss
+        as a sum, divided here by the step's total count, so the mean is exact however the rows are split."""
+        total = max(1, sum(self.objective.count(b) for b in batches))
+        pieces = [tuple(t[i:i + self.micro_split] for t in b)
+                  for b in batches for i in range(0, b[0].shape[0], self.micro_split)]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        for j, (x, y) in enumerate(pieces):
-            x = x.to(self.device, non_blocking=True)                          # (rows, seq_len)
-            y = y.to(self.device, non_blocking=True)
+        metrics = {}
+        for j, piece in enumerate(pieces):
+            piece = tuple(t.to(self.device, non_blocking=True) for t in piece)   # (rows, seq_len) each
             last = j == len(pieces) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
-                    _, loss = self.model(x, targets=y, return_logits=False)
-                weight = x.shape[0] / total_rows     # rows carry equal token counts: exact mean over the step
-                self.scaler.scale(loss * weight).backward()
-            loss_sum += loss.detach().float() * weight
+                    loss, extra = self.objective.loss(self.model, piece)
+                self.scaler.scale(loss / total).backward()
+            loss_sum += loss.detach().float() / total
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach().float() / total
+        self.step_metrics = metrics
         return loss_sum
 
     def train_step(self, lr: float) -> tuple[float, float, bool]:
         """One optimizer step at learning rate `lr`. Returns (loss, grad_norm, finite)."""
-        batches = [self.sampler.next_batch() for _ in range(self.cfg.grad_accum_steps)]
+        batches = [self.objective.next_batch() for _ in range(self.cfg.grad_accum_steps)]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         while True:
@@ -196,17 +206,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks)."""
-        from utils.sampler import eval_batches
         self.raw_model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss * tokens, tokens)
-        batches = eval_batches(self.data.val_tokens, self.cfg.seq_len, self.micro_split, self.cfg.eval_batches)
-        for i, (x, y) in enumerate(batches):
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss sum, count)
+        batches = self.objective.eval_batches(self.micro_split, self.cfg.eval_batches)
+        for i, batch in enumerate(batches):
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self.precision.autocast():
-                _, loss = self.raw_model(x.to(self.device), targets=y.to(self.device), return_logits=False)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+                loss, _ = self.objective.loss(self.raw_model, tuple(t.to(self.device) for t in batch))
+            total[0] += loss.double()
+            total[1] += self.objective.count(batch)
         self.raw_model.train()
         dist_utils.all_reduce_sum(total)
         if total[1] == 0:
@@ -222,7 +231,8 @@ class Trainer:
         if self.dist.is_main:
             try:
                 ckpt.save_checkpoint(self.run_dir, self.step, self.raw_model, self.tokenizer, self.cfg.to_dict(),
-                                     state, keep_last=self.cfg.keep_last, best=best, write_step=write_step)
+                                     state, keep_last=self.cfg.keep_last, best=best, write_step=write_step,
+                                     save_weights=self.save_weights)
             except OSError as err:
                 msg = ckpt.describe_failed_save(self.run_dir, self.step, err, self.raw_model, state)
                 if final:
@@ -276,7 +286,8 @@ class Trainer:
                 if self.metrics is not None and (self.step % cfg.log_interval == 0 or self.step == end or stop):
                     self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
                                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
-                                      "skipped": not finite})
+                                      "skipped": not finite,
+                                      **{k: round(float(v), 6) for k, v in self.step_metrics.items()}})
                     window_tokens, window_start = 0, time.perf_counter()
                 if stop:
                     raise TrainingStopped(

@@ -113,3 +113,42 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
         for i in range(0, count, batch_size):
             yield _gather(tokens, starts[i:i + batch_size], seq_len)
     return batches()
+
+
+class ExampleSampler:
+    """Random batches of example indices (chat conversations, preference pairs), one epoch after another.
+
+    Epoch e is a permutation of range(n) drawn from a generator seeded with (seed, e); the state is one position
+    (examples handed out so far, all ranks together), so a restored sampler continues exactly. Under DDP rank r
+    takes the r-th slice of batch_size of every step's world_size * batch_size examples.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be positive, got {n}, {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.position = 0
+        self._cached = None     # (epoch, permutation)
+
+    def next_indices(self) -> list[int]:
+        first = self.position + self.rank * self.batch_size
+        out = []
+        for g in range(first, first + self.batch_size):
+            e, k = divmod(g, self.n)
+            if self._cached is None or self._cached[0] != e:
+                self._cached = (e, np.random.default_rng([self.seed, e]).permutation(self.n))
+            out.append(int(self._cached[1][k]))
+        self.position += self.batch_size * self.world_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "position": self.position, "n_examples": self.n, "batch_size": self.batch_size,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_examples"] != self.n:
+            raise ValueError(f"sampler state was saved with {state['n_examples']} examples, this data has {self.n}: "
+                             "the data changed since the checkpoint, so the stream cannot be resumed")
+        self.seed, self.position = int(state["seed"]), int(state["position"])
+        self._cached = None

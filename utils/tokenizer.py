@@ -127,6 +127,9 @@ class Tokenizer:
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eot_token,
                      "bos_token": self.eot_token, "unk_token": self.eot_token, "model_max_length": 1 << 30}
+        from utils.chat import CHAT_TEMPLATE, has_chat_tokens
+        if has_chat_tokens(self):     # AutoTokenizer.apply_chat_template renders conversations as we do
+            hf_config["chat_template"] = CHAT_TEMPLATE
         (directory / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
     @classmethod

@@ -1,0 +1,145 @@
+"""Fine-tuning set-up, called by launch.py: chat tokens and a grown vocabulary, LoRA adapters, the SFT / DPO
+objective; and loading a LoRA checkpoint (base + adapter) back for generation or merging.
+
+A LoRA run's checkpoint folders hold the adapter (PEFT format), the tokenizer, train_config.json and
+training_state.pt, not the base weights: adapter_config.json names the base folder (base_model_name_or_path).
+The base is rebuilt exactly from it: the same weights, the vocabulary grown to the checkpoint's tokenizer by the
+deterministic rule of models/vocab.py, then the adapter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from configs.lora import NOT_HONOURED_BY_TRANSFORMERS, PEFT_REFUSED_ON_MAMBA, lora_targets
+from models import lora
+from models.vocab import resize_vocab
+
+from .config import ConfigError, TrainConfig
+from .objectives import DPOObjective, SFTObjective, sequence_logps
+
+
+def load_task_data(cfg: TrainConfig, tokenizer, log):
+    """The SFT / DPO examples of cfg.data, tokenised with the chat template (its tokens are added to the tokenizer
+    when missing). Bad lines are counted and reported; a file with nothing usable is a ConfigError (exit 2)."""
+    from utils.chat import add_chat_tokens
+    from utils.errors import DataError
+    from utils.finetune_data import load_task_data as load
+    added = add_chat_tokens(tokenizer)
+    if added:
+        log(f"tokenizer    added the chat tokens {' '.join(added)} (vocabulary now {tokenizer.vocab_size})")
+    try:
+        data = load(cfg.data, cfg.task, tokenizer, cfg.seq_len, cfg.val_fraction)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    log(f"data         {data.report.describe()}")
+    if not data.val:
+        log(f"warning: too few examples to hold out a validation share ({cfg.val_fraction}): no evaluation")
+    return data
+
+
+def grow_vocab(model, tokenizer, log) -> None:
+    old = model.config.vocab_size
+    if resize_vocab(model, tokenizer.vocab_size):
+        log(f"model        vocabulary grown from {old} to {tokenizer.vocab_size} "
+            f"(embedding rows {model.config.padded_vocab_size}; new rows start at the mean embedding)")
+
+
+def lora_config(cfg: TrainConfig, base_dir: Path) -> tuple[lora.LoRAConfig, bool]:
+    targets, strict = lora_targets(cfg.lora)
+    return lora.LoRAConfig(targets=targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           rslora=cfg.rslora, base_model=str(Path(base_dir).resolve())), strict
+
+
+def adapter_base(checkpoint: Path) -> Path:
+    """The base model folder an adapter checkpoint names."""
+    base = lora.read_adapter_config(checkpoint).base_model
+    if not base or not Path(base).is_dir():
+        raise ConfigError(f"{str(checkpoint)!r} is a LoRA adapter whose base model folder {base!r} "
+                          f"(base_model_name_or_path in adapter_config.json) is not there")
+    return Path(base)
+
+
+def attach_lora(cfg: TrainConfig, model, base_dir: Path, resume_from: Path | None, log):
+    """Wrap the model's target modules (fresh adapters, or the resumed checkpoint's). Returns save_weights for the
+    Trainer: it writes the adapter into a checkpoint folder."""
+    config, strict = lora_config(cfg, base_dir)
+    try:
+        if resume_from is not None:
+            lora.load_adapter(model, resume_from)
+        else:
+            lora.apply_lora(model, config, strict=strict)
+    except ValueError as err:
+        raise ConfigError(f"--lora {cfg.lora}: {err}") from None
+    wrapped = sorted({n.rsplit(".", 1)[-1] for n in lora.lora_modules(model)})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"lora         rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''} on "
+        f"{', '.join(wrapped)}: {trainable:,} trainable parameters; checkpoints hold the adapter (PEFT format)")
+    note = peft_note(wrapped)
+    said = []
+
+    def save_weights(folder: Path) -> None:
+        lora.save_adapter(model, config, folder)
+        if note and not said:
+            log(f"\nnote: {note}")
+            said.append(True)
+    return save_weights
+
+
+def peft_note(targets) -> str | None:
+    """What to say when an adapter targets modules PEFT or transformers cannot use on a Mamba model."""
+    refused = [t for t in targets if t in PEFT_REFUSED_ON_MAMBA]
+    skipped = [t for t in targets if t in NOT_HONOURED_BY_TRANSFORMERS]
+    if not refused and not skipped:
+        return None
+    why = []
+    if refused:
+        why.append(f"peft >= 0.16 refuses LoRA on {', '.join(refused)} of Mamba models")
+    if skipped:
+        why.append(f"transformers' Mamba multiplies {', '.join(skipped)}.weight directly, so PEFT's adapter on it "
+                   f"would have no effect there")
+    return ("; ".join(why) + ". This adapter loads here (generate.py, training.checkpoint); for transformers "
+            "write a merged plain checkpoint: python -m training.merge_lora CHECKPOINT OUT_DIR")
+
+
+def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device):
+    """The SFT or DPO objective. DPO's reference: the same model with adapters disabled (LoRA), else a frozen
+    copy of the starting weights (loaded from base_dir, so a resumed run keeps the original reference)."""
+    common = dict(batch_size=cfg.micro_batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed, rank=dist.rank,
+                  world_size=dist.world_size)
+    if cfg.task == "sft":
+        return SFTObjective(data, **common)
+    if cfg.lora:
+        def reference(x, y):
+            with lora.adapters_disabled(model):
+                return sequence_logps(model, x, y)
+    else:
+        from models import MambaLanguageModel
+        ref_model = MambaLanguageModel.from_pretrained(base_dir, device="cpu", dtype=torch.float32,
+                                                       scan_backend=cfg.scan_backend)
+        resize_vocab(ref_model, tokenizer.vocab_size)
+        ref_model = ref_model.to(device).eval().requires_grad_(False)
+
+        def reference(x, y):
+            return sequence_logps(ref_model, x, y)
+    return DPOObjective(data, reference=reference, beta=cfg.dpo_beta, **common)
+
+
+# ---- loading an adapter checkpoint -----------------------------------------------------------------------------------
+
+def load_lora_checkpoint(path, base=None, merge: bool = True):
+    """(model, tokenizer) from an adapter folder: its base (base or adapter_config.json's), grown to the folder's
+    tokenizer (or the base's when the folder has none), with the adapter; merged into plain linears by default.
+    On the CPU in fp32 (the caller moves it)."""
+    from models import MambaLanguageModel
+    from utils.tokenizer import Tokenizer
+    path = Path(path)
+    base = Path(base) if base is not None else adapter_base(path)
+    model = MambaLanguageModel.from_pretrained(base, device="cpu", dtype=torch.float32)
+    tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else base)
+    resize_vocab(model, tokenizer.vocab_size)
+    lora.load_adapter(model, path)
+    if merge:
+        lora.merge_and_unload(model)
+    return model.eval(), tokenizer

@@ -1,0 +1,130 @@
+"""What a training step optimises: next-token LM, SFT (loss on the answers only) or DPO (chosen vs rejected).
+
+Each objective hands the Trainer batches (tuples of tensors with rows in dim 0, which the Trainer may split into
+smaller pieces when memory runs out) and turns a piece into a loss SUM and a count, so that the mean over a step
+is exact however the rows were split:
+    next_batch()                    -> batch on the CPU
+    count(batch)                    -> how many units the loss averages over (target tokens, or pairs for DPO)
+    loss(model, batch)              -> (sum of the loss over the piece's units, {metric: sum})
+    eval_batches(batch_size, n)     -> deterministic validation batches
+    sampler                         -> state_dict / load_state_dict for an exact resume
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from utils.finetune_data import collate, collate_pairs
+from utils.sampler import BatchSampler, ExampleSampler, eval_batches
+
+IGNORE = -100
+
+
+def sequence_logps(model, x, y) -> torch.Tensor:
+    """Sum over each row of log p(y_t | x_<=t) where y_t != -100. x, y: (b, L) -> (b,) fp32."""
+    logits, _ = model(x)                                                        # (b, L, v)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = y != IGNORE
+    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)             # (b, L)
+    return (picked * mask).sum(-1)
+
+
+class LMObjective:
+    """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData)."""
+
+    def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.val_tokens, self.seq_len = data.val_tokens, seq_len
+        self.sampler = BatchSampler(data.train_tokens, seq_len, batch_size, seed=seed, rank=rank,
+                                    world_size=world_size)
+
+    def next_batch(self):
+        return self.sampler.next_batch()                                        # x, y: (b, seq_len)
+
+    def count(self, batch) -> int:
+        return batch[1].numel()
+
+    def loss(self, model, batch):
+        x, y = batch
+        _, loss = model(x, targets=y, return_logits=False)         # the chunked loss: no (b, L, v) fp32 logits
+        return loss * y.numel(), {}
+
+    def can_evaluate(self) -> bool:
+        # a small corpus can leave the validation split shorter than one sequence: nothing to evaluate
+        return len(self.val_tokens) > self.seq_len
+
+    def eval_batches(self, batch_size: int, n: int):
+        return eval_batches(self.val_tokens, self.seq_len, batch_size, n)
+
+
+class _ExampleObjective:
+    """Shared by SFT and DPO: random batches of examples, fixed validation batches."""
+
+    def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.train, self.val, self.pad_id = data.train, data.val, pad_id
+        self.sampler = ExampleSampler(len(self.train), batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    def next_batch(self):
+        return self.collate([self.train[i] for i in self.sampler.next_indices()])
+
+    def can_evaluate(self) -> bool:
+        return len(self.val) > 0
+
+    def eval_batches(self, batch_size: int, n: int):
+        for i in range(0, min(len(self.val), batch_size * n), batch_size):
+            yield self.collate(self.val[i:i + batch_size])
+
+
+class SFTObjective(_ExampleObjective):
+    """Cross-entropy on the assistant tokens only (labels elsewhere are -100); rows right-padded."""
+
+    def collate(self, examples):
+        return collate(examples, self.pad_id)                                   # x, y: (b, L)
+
+    def count(self, batch) -> int:
+        return int((batch[1] != IGNORE).sum())
+
+    def loss(self, model, batch):
+        x, y = batch
+        _, loss = model(x, targets=y, return_logits=False)         # mean over the assistant tokens, chunked
+        return loss * self.count(batch), {}
+
+
+class DPOObjective(_ExampleObjective):
+    """Direct preference optimisation (Rafailov et al. 2023):
+        loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))])
+    on log-probabilities summed over the completion tokens. `reference(x, y)` returns the reference model's
+    summed log-probs (b,) without gradients: the base with adapters disabled (LoRA) or a frozen copy.
+    Metrics as TRL names them: rewards/chosen = beta (log pi(c) - log ref(c)), rewards/rejected likewise,
+    rewards/margins = their difference, rewards/accuracies = share of pairs with chosen reward > rejected.
+    """
+
+    def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1):
+        super().__init__(data, batch_size, pad_id, seed, rank, world_size)
+        self.reference, self.beta = reference, beta
+
+    def collate(self, pairs):
+        return collate_pairs(pairs, self.pad_id)                                # xc, yc, xr, yr: (b, L) each
+
+    def count(self, batch) -> int:
+        return batch[0].shape[0]
+
+    def loss(self, model, batch):
+        xc, yc, xr, yr = batch
+        b = xc.shape[0]
+        x, y = torch.cat([xc, xr]), torch.cat([yc, yr])                         # (2b, L): one forward pass
+        policy = sequence_logps(model, x, y)
+        with torch.no_grad():
+            ref = self.reference(x, y).float()
+        chosen = self.beta * (policy[:b] - ref[:b])                             # (b,)
+        rejected = self.beta * (policy[b:] - ref[b:])
+        losses = -F.logsigmoid(chosen - rejected)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        metrics = {"rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
+                   "rewards/margins": (chosen - rejected).sum(),
+                   "rewards/accuracies": (chosen > rejected).float().sum()}
+        return losses.sum(), metrics
+
+
+LN2 = math.log(2)   # the DPO loss when policy == reference
