@@ -257,8 +257,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
         f"schedule     {cfg.task} task, {cfg.training} preset: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
-        describe_passes(cfg, len(data.train_tokens), world),
-    ]))
+    ] + ([describe_passes(cfg, len(data.train_tokens), world)] if cfg.task == "lm" else [])))
     return trainer
 
 

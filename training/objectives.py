@@ -88,7 +88,9 @@ class SFTObjective(_ExampleObjective):
     def loss(self, model, batch):
         x, y = batch
         _, loss = model(x, targets=y, return_logits=False)         # mean over the assistant tokens, chunked
-        return loss * self.count(batch), {}
+        n = self.count(batch)
+        # a piece with no assistant token (rows split after an out-of-memory) adds 0; its mean would be 0/0
+        return (loss * n if n else loss.nan_to_num(0.0) * 0), {}
 
 
 class DPOObjective(_ExampleObjective):
