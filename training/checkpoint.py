@@ -274,13 +274,13 @@ def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_bac
     Returns:
         (model, tokenizer, checkpoint folder)
     """
-    from models import MambaLanguageModel
+    from models import load_pretrained
     from utils.tokenizer import Tokenizer
 
     ckpt = find_latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {str(path)!r}")
-    model = MambaLanguageModel.from_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)
+    model = load_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)   # Mamba-1 or Mamba-2
     tokenizer = Tokenizer.load(ckpt)
     return model, tokenizer, ckpt
 
