@@ -162,3 +162,15 @@ def test_presets_cover_both_families():
     assert isinstance(model_config("tiny"), MambaConfig)
     with pytest.raises(ValueError, match="family 'mamba3' is unknown; allowed: mamba1, mamba2"):
         model_config("tiny", family="mamba3")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoder_matches_eager(compile):
+    from models.sampling import SamplingParams
+    model = make_model(d_model=64, headdim=16, d_state=16).cuda()
+    ids = torch.randint(0, 53, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    eager = Decoder(model, 4, cuda_graph=False).decode(ids, 30, SamplingParams(temperature=0))
+    graphed = Decoder(model, 4, cuda_graph=True, compile=compile)
+    assert torch.equal(graphed.decode(ids, 30, SamplingParams(temperature=0)), eager)
+    assert torch.equal(eager, model.generate(ids, 30, temperature=0))
