@@ -79,3 +79,47 @@ CPU_PRESET = {
                  "checkpoint_interval": 250},
     "data": {"vocab_size": 4096},
 }
+
+# Mamba-2 (--family mamba2), same tokens per step. NOT measured (no GPU when the family was added): each entry is
+# the largest micro-batch (up to 16; 64 for tiny) that training/memory_mamba2.py's activation count fits into the
+# card's budget at bf16 on the PyTorch paths (chunked SSD), checkpointing where that count asks for it. The
+# chunked SSD keeps its (Q, Q) decay matrices, so Mamba-2 needs more activation memory per token than Mamba-1's
+# fused scan. large has no 8gb layout: even one sequence of 2048 does not fit the estimate.
+MAMBA2_VRAM_PRESETS = {
+    "8gb": {
+        "tiny":   _layout(8, 2048, True),
+        "small":  _layout(4, 2048, True),
+        "medium": _layout(4, 2048, True),
+    },
+    "12gb": {
+        "tiny":   _layout(16, 2048, True),
+        "small":  _layout(8, 2048, True),
+        "medium": _layout(8, 2048, True),
+        "large":  _layout(2, 2048, True),
+    },
+    "16gb": {
+        "tiny":   _layout(16, 2048, True),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(8, 2048, True),
+        "large":  _layout(4, 2048, True),
+    },
+    "24gb": {
+        "tiny":   _layout(32, 2048, True),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(16, 2048, True),
+        "large":  _layout(8, 2048, True),
+    },
+    "32gb": {
+        "tiny":   _layout(32, 2048, True),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(16, 2048, True),
+        "large":  _layout(16, 2048, True),
+    },
+    "48gb": {
+        "tiny":   _layout(64, 2048, False),
+        "small":  _layout(16, 2048, True),
+        "medium": _layout(16, 2048, True),
+        "large":  _layout(16, 2048, True),
+    },
+}
+VRAM_PRESETS_BY_FAMILY = {"mamba1": VRAM_PRESETS, "mamba2": MAMBA2_VRAM_PRESETS}

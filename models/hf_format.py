@@ -1,4 +1,7 @@
-"""Checkpoint directories in the two formats published Mamba-1 models come in, and the one we write.
+"""Checkpoint directories in the two formats published Mamba models come in, and the one we write.
+
+Mamba-2 (model_type "mamba2", or ssm_cfg {"layer": "Mamba2"}) goes through the same files and checks here; only its
+config fields differ, mapped in models/hf_format_mamba2.py.
 
 Read:
   * HF transformers (MambaForCausalLM): config.json (model_type "mamba", hidden_size, state_size, ...; vocab_size is
@@ -89,7 +92,7 @@ def config_from_hf(d: dict, scan_backend: str = "auto") -> MambaConfig:
     """MambaConfig from an HF MambaForCausalLM config.json dict."""
     if d.get("model_type", "mamba") != "mamba":
         raise ValueError(f"config.json has model_type {d['model_type']!r}; only Mamba-1 ('mamba') checkpoints "
-                         f"load here (Mamba-2, FalconMamba and hybrids have a different architecture)")
+                         f"load as Mamba-1 (Mamba-2 loads as family 'mamba2'; FalconMamba and hybrids do not load)")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json has hidden_act {d['hidden_act']!r}; Mamba-1 uses 'silu'")
     _require(d, ("hidden_size", "num_hidden_layers", "vocab_size"), "an HF Mamba config.json")
@@ -133,8 +136,28 @@ def config_from_mamba_ssm(d: dict, scan_backend: str = "auto") -> MambaConfig:
                        residual_in_fp32=d.get("residual_in_fp32", True), scan_backend=scan_backend, **fields)
 
 
-def read_config(path: Path, scan_backend: str = "auto") -> tuple[MambaConfig, str]:
-    """Returns (config, "hf" or "mamba_ssm") from path/config.json."""
+def detect_family(d: dict) -> str:
+    """"mamba2" for an HF Mamba2 config (model_type "mamba2") or a mamba_ssm one with ssm_cfg.layer "Mamba2",
+    else "mamba1" (whose reader then rejects anything that is not Mamba-1)."""
+    if "model_type" in d or "hidden_size" in d:
+        return "mamba2" if d.get("model_type") == "mamba2" else "mamba1"
+    layer = (d.get("ssm_cfg") or {}).get("layer", "Mamba1") if isinstance(d.get("ssm_cfg") or {}, dict) else None
+    return "mamba2" if layer == "Mamba2" else "mamba1"
+
+
+def _family_mismatch(d: dict, found: str, family: str) -> str:
+    if "model_type" in d or "hidden_size" in d:
+        what = f"config.json has model_type {d.get('model_type', 'mamba')!r}"
+    else:
+        what = f"config.json: ssm_cfg.layer is {(d.get('ssm_cfg') or {}).get('layer', 'Mamba1')!r}"
+    wanted = {"mamba1": "Mamba-1 ('mamba' / 'Mamba1')", "mamba2": "Mamba-2 ('mamba2' / 'Mamba2')"}[family]
+    return (f"{what}: a {found} checkpoint, but family {family!r} was asked for, which loads only {wanted} "
+            f"checkpoints; use family {found!r} (train.py --family {found}) or a {family} checkpoint")
+
+
+def read_config(path: Path, scan_backend: str = "auto", family: str | None = None):
+    """Returns (config, "hf" or "mamba_ssm") from path/config.json: a MambaConfig or a Mamba2Config as the file
+    says; with `family`, a checkpoint of another family is a ValueError naming both."""
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a model directory "
@@ -145,6 +168,14 @@ def read_config(path: Path, scan_backend: str = "auto") -> tuple[MambaConfig, st
         raise ValueError(f"{file} is not valid JSON (damaged?): {err}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{file} must hold a JSON object")
+    found = detect_family(d)
+    if family is not None and found != family:
+        raise ValueError(_family_mismatch(d, found, family))
+    if found == "mamba2":
+        from . import hf_format_mamba2 as m2
+        if "hidden_size" in d or "model_type" in d:
+            return m2.config_from_hf(d, scan_backend), "hf"
+        return m2.config_from_mamba_ssm(d, scan_backend), "mamba_ssm"
     if "hidden_size" in d or "model_type" in d:
         return config_from_hf(d, scan_backend), "hf"
     if "d_model" in d:
@@ -253,14 +284,15 @@ def _check_state_dict(state_dict, model, path):
 
 # ---- load / save ----------------------------------------------------------------------------------------------------
 
-def load_pretrained(path, device=None, dtype=None, scan_backend="auto") -> MambaLanguageModel:
-    """Build a MambaLanguageModel from an HF or mamba_ssm directory.
+def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=None) -> MambaLanguageModel:
+    """Build a language model (Mamba-1 or Mamba-2, as config.json says) from an HF or mamba_ssm directory.
 
     Args:
         path: the directory
         device: where the model goes (default CPU)
         dtype: torch dtype (or its name, e.g. "bfloat16") of the parameters; default float32
-        scan_backend: see MambaConfig.scan_backend
+        scan_backend: see MambaConfig.scan_backend (Mamba2Config.scan_backend for Mamba-2)
+        family: "mamba1" or "mamba2" to accept only that family, or None for whichever the directory holds
     Returns:
         the model, in eval mode
     """
@@ -269,11 +301,12 @@ def load_pretrained(path, device=None, dtype=None, scan_backend="auto") -> Mamba
         raise FileNotFoundError(f"model directory {path} does not exist" if not path.exists()
                                 else f"{path} is a file; from_pretrained expects a model directory")
     dtype = _as_dtype(dtype)
-    config, _ = read_config(path, scan_backend)
+    config, _ = read_config(path, scan_backend, family)
     state_dict = _to_our_names(read_state_dict(path))
+    from .registry import build_model
     # Build on the meta device: no time or memory spent on an init that the checkpoint overwrites.
     with torch.device("meta"):
-        model = MambaLanguageModel(config)
+        model = build_model(config)
     state_dict = _check_state_dict(state_dict, model, path)
     if config.tie_embeddings:
         state_dict["lm_head.weight"] = state_dict["backbone.embeddings.weight"]
@@ -296,7 +329,11 @@ def save_pretrained(model: MambaLanguageModel, path, eos_token_id: int | None = 
     tmp = path / (SAFETENSORS_NAME + ".tmp")
     save_file(state_dict, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / SAFETENSORS_NAME)
-    hf_config = config_to_hf(model.config, eos_token_id)
+    if model.config.family == "mamba2":
+        from .hf_format_mamba2 import config_to_hf as mamba2_config_to_hf
+        hf_config = mamba2_config_to_hf(model.config, eos_token_id)
+    else:
+        hf_config = config_to_hf(model.config, eos_token_id)
     hf_config["dtype"] = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
     tmp = path / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -218,12 +218,15 @@ class MambaBlock(nn.Module):
 class MambaLanguageModel(nn.Module):
     """Token embedding -> n_layer MambaBlocks -> RMSNorm -> LM head (tied to the embedding)."""
 
+    family = "mamba1"            # the checkpoints from_pretrained accepts (models/registry.py)
+    block_class = MambaBlock     # Mamba2LanguageModel (models/mamba2.py) swaps in its own block
+
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.config = config
         self.backbone = nn.ModuleDict(dict(
             embeddings=nn.Embedding(config.padded_vocab_size, config.d_model),
-            layers=nn.ModuleList([MambaBlock(config) for _ in range(config.n_layer)]),
+            layers=nn.ModuleList([self.block_class(config) for _ in range(config.n_layer)]),
             norm_f=RMSNorm(config.d_model, eps=config.norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
@@ -428,9 +431,10 @@ class MambaLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, scan_backend="auto") -> "MambaLanguageModel":
-        """Load an HF MambaForCausalLM directory or an original mamba_ssm one (see models/hf_format.py)."""
+        """Load an HF MambaForCausalLM directory or an original mamba_ssm one (see models/hf_format.py); a
+        checkpoint of another family is an error (models.load_pretrained takes any family)."""
         from .hf_format import load_pretrained
-        return load_pretrained(path, device=device, dtype=dtype, scan_backend=scan_backend)
+        return load_pretrained(path, device=device, dtype=dtype, scan_backend=scan_backend, family=cls.family)
 
     def save_pretrained(self, path, eos_token_id=None):
         """Write config.json + model.safetensors that transformers' MambaForCausalLM loads (models/hf_format.py)."""

@@ -377,8 +377,7 @@ def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_bac
     Raises:
         FileNotFoundError, ValueError (CheckpointDamaged included) with a message naming the folder or file
     """
-    from models import MambaLanguageModel
-    from utils.tokenizer import Tokenizer
+    from models import load_pretrained
 
     ckpt = Path(path) if verified else find_latest_checkpoint(path, for_inference=True)
     if ckpt is None:
@@ -388,7 +387,7 @@ def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_bac
         model, tokenizer = load_lora_checkpoint(ckpt)
         model.config.scan_backend = scan_backend
         return model.to(device=device or "cpu", dtype=dtype), tokenizer, ckpt
-    model = MambaLanguageModel.from_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)
+    model = load_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)   # Mamba-1 or Mamba-2
     tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, ckpt
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from configs.lora import lora_targets
 from configs.training import TASKS, TRAINING_PRESETS, default_training
-from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRESETS
+from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRESETS_BY_FAMILY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCAN_BACKENDS = ("auto", "ref", "chunked", "triton")
+FAMILIES = ("mamba1", "mamba2")            # models/registry.py
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # --- what to train
+    family: str = "mamba1"                 # model family: mamba1 (Mamba, selective scan) or mamba2 (Mamba-2, SSD)
     model_size: str | None = None          # tiny / small / medium / large (configs/model_sizes.py); None = per device
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
     training: str = "default"              # default / fast / careful (configs/training.py)
@@ -64,7 +66,7 @@ class TrainConfig:
     # --- device and numerics
     device: str = "auto"                   # auto / cpu / cuda / cuda:N (under torchrun: the local rank's GPU)
     precision: str = "auto"                # auto (bf16 if the GPU has it, else fp16 + GradScaler; fp32 on CPU)
-    scan_backend: str = "auto"             # selective-scan backend (kernels/selective_scan.py)
+    scan_backend: str = "auto"             # scan backend: selective scan (mamba1) or SSD scan (mamba2), kernels/
     compile: bool = False                  # torch.compile the model
     # --- optimisation (set by the training preset)
     lr: float = 6e-4                       # peak learning rate
@@ -104,6 +106,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check ranges and choices; raise ConfigError naming the first bad key."""
         _check_choice("training", self.training, TRAINING_PRESETS)
+        _check_choice("family", self.family, FAMILIES)
         _check_choice("vram", self.vram, ("auto", "cpu") + VRAM_CHOICES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scan_backend", self.scan_backend, SCAN_BACKENDS)
@@ -277,6 +280,8 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
 
     training = user.get("training") or default_training(user.get("task", TrainConfig.task), bool(user.get("lora")))
     _check_choice("training", training, TRAINING_PRESETS)
+    family = user.get("family", TrainConfig.family)
+    _check_choice("family", family, FAMILIES)
     vram = user.get("vram", TrainConfig.vram)
     _check_choice("vram", vram, ("auto", "cpu") + VRAM_CHOICES)
     if vram == "auto":
@@ -290,10 +295,12 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
         values.update(CPU_PRESET["schedule"])
         values.update(CPU_PRESET["data"])
     else:
-        if model_size not in VRAM_PRESETS[vram]:
-            raise ConfigError(f"no {vram} layout for model_size {model_size!r}; "
-                              f"presets exist for: {', '.join(VRAM_PRESETS[vram])}")
-        values.update(VRAM_PRESETS[vram][model_size])
+        presets = VRAM_PRESETS_BY_FAMILY[family][vram]
+        if model_size not in presets:
+            raise ConfigError(f"no {vram} layout for model_size {model_size!r}"
+                              f"{' of family ' + family if family != 'mamba1' else ''}; "
+                              f"presets exist for: {', '.join(presets)}")
+        values.update(presets[model_size])
     values.update(user)
     values.update(training=training, vram=vram, model_size=model_size)
     return TrainConfig(**values).validate()

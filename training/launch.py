@@ -65,11 +65,12 @@ def _find_resume_checkpoint(overrides, config_file) -> Path:
 
 
 def _check_shape(expected, found, source: str, cfg: TrainConfig) -> None:
-    """Refuse to load weights of another model shape (a clear message instead of a size-mismatch traceback)."""
-    keys = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "tie_embeddings")
-    a, b = expected.to_dict(), found.to_dict()
-    a["dt_rank"], b["dt_rank"] = expected.resolved_dt_rank, found.resolved_dt_rank
-    diffs = [f"{k} {b[k]} (this run: {a[k]})" for k in keys if a.get(k) != b.get(k)]
+    """Refuse to load weights of another family or model shape (a clear message, not a size-mismatch traceback)."""
+    if found.family != expected.family:
+        raise ConfigError(f"{source} is a {found.family} model, but this run asks for family {expected.family!r}; "
+                          f"pass --family {found.family} (or \"family\": \"{found.family}\" in the JSON config)")
+    a, b = expected.shape_dict(), found.shape_dict()
+    diffs = [f"{k} {b[k]} (this run: {a[k]})" for k in a if a.get(k) != b.get(k)]
     if diffs:
         raise ConfigError(f"{source} is a model of another shape: {', '.join(diffs)}. This run asks for "
                           f"model_size {cfg.model_size!r}; resume with the settings the checkpoint was trained "
@@ -94,7 +95,7 @@ def _prepare_data(cfg: TrainConfig, tokenizer, show_progress: bool):
 def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     """Everything before the loop. Returns a ready Trainer (its run_dir, cfg, model set)."""
     from configs.model_sizes import model_config
-    from models import MambaLanguageModel
+    from models import build_model, load_pretrained
     from models.hf_format import read_config
 
     # -- settings: a resumed run starts from its saved config
@@ -187,17 +188,18 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
 
     # -- the model
     try:
-        expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, scan_backend=cfg.scan_backend)
+        expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, family=cfg.family,
+                                scan_backend=cfg.scan_backend)
         if weights_dir is not None:
             found, _ = read_config(weights_dir, scan_backend=cfg.scan_backend)
-            if cfg.init_from:
+            if cfg.init_from and found.family == expected.family:
                 expected = found              # fine-tuning: the loaded model's shape is the shape
             _check_shape(expected, found, f"checkpoint {str(weights_dir)!r}", cfg)
-            model = MambaLanguageModel.from_pretrained(weights_dir, device="cpu", dtype=torch.float32,
-                                                       scan_backend=cfg.scan_backend)
+            model = load_pretrained(weights_dir, device="cpu", dtype=torch.float32, scan_backend=cfg.scan_backend,
+                                    family=expected.family)
             finetune.grow_vocab(model, tokenizer, log)    # chat tokens the tokenizer gained
         else:
-            model = MambaLanguageModel(expected)
+            model = build_model(expected)
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -243,7 +245,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     world = dist.world_size
     log("\n".join([
         f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),
-        f"model        {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: {n_params:,} parameters "
+        f"model        {model.config.family} {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: "
+        f"{n_params:,} parameters "
         f"(d_model {model.config.d_model}, "
         f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})"
         + (f"; {n_trainable:,} trainable" if n_trainable != n_params else ""),

@@ -1,0 +1,227 @@
+"""Mamba-2 language model, as released by Dao & Gu (state-spaces/mamba modules/mamba2.py), in plain PyTorch.
+
+Parameter names and math match HF transformers' Mamba2ForCausalLM and mamba_ssm's MambaLMHeadModel with
+ssm_cfg {"layer": "Mamba2"}, so their checkpoints load as they are (models/hf_format_mamba2.py). The SSD scan lives
+in kernels/ssd.py and is chosen there.
+
+Shape letters (mamba_ssm's names):
+    b: batch size          l: sequence length        d: d_model (residual stream)
+    d_in: d_inner = expand * d_model                 h: nheads = d_in / p      p: headdim
+    g: ngroups (B, C shared by h / g heads each)      n: d_state                k: d_conv
+    conv_dim = d_in + 2 g n (x, B and C go through the conv together)
+
+The mixer, token by token:
+    [z, x, B, C, dt] = in_proj(u)                              (b, l, d_in | d_in | g n | g n | h)
+    x, B, C = silu(causal depthwise conv(x, B, C))             one conv over conv_dim channels
+    y = SSD(x, dt + dt_bias -> softplus -> clamp(dt_limit), A = -exp(A_log), B, C) + D * x     per head
+    out = out_proj(RMSNorm_per_group(y * silu(z)))             norm_before_gate=False, group size d_in / g
+
+The language model around it is Mamba-1's (models/mamba.py): pre-norm blocks with the residual add fused into the
+norm and the stream in fp32, a final norm, the head tied to the padded embedding, the same forward / prefill / step
+/ step_states / generate and one cache entry per layer, so inference/decoder.py (CUDA graphs included),
+models/sampling.py and generate.py serve both families through one interface.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+
+from kernels import add_rms_norm, causal_conv1d, causal_conv1d_update
+from kernels.causal_conv import resolve_conv_backend
+from kernels.norm import resolve_norm_backend
+from kernels.norm_gated import rms_norm_gated
+from kernels.ssd import process_dt, resolve_ssd_backend, ssd_scan, ssd_state_update
+
+from .config import Mamba2Config
+from .mamba import KernelChoice, MambaCache, MambaLanguageModel, RMSNorm, _compute_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) per group of `group_size` channels (kernels/norm_gated.py); holds `weight` under the
+    name the checkpoints use (mixer.norm.weight)."""
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y, z, out_dtype=None):
+        return rms_norm_gated(y, z, self.weight, self.eps, self.group_size, out_dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer: in_proj -> conv over (x, B, C) -> SiLU -> SSD scan (+ D x) -> gated group RMSNorm ->
+    out_proj."""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.d_inner, self.nheads, self.headdim = c.d_inner, c.nheads, c.headdim
+        self.ngroups, self.d_state, self.d_conv, self.conv_dim = c.ngroups, c.d_state, c.d_conv, c.conv_dim
+        self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=c.bias)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, kernel_size=c.d_conv, groups=c.conv_dim,
+                                padding=c.d_conv - 1, bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(c.nheads))
+        self.A_log = nn.Parameter(torch.empty(c.nheads))
+        self.D = nn.Parameter(torch.empty(c.nheads))
+        self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_epsilon)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        # The trainer leaves these out of weight decay, as mamba_ssm does.
+        for p in (self.A_log, self.D, self.dt_bias):
+            p._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The released initialisation (mamba_ssm Mamba2.__init__ and MambaLMHeadModel._init_weights).
+
+        in_proj and conv1d keep PyTorch's default init; only what mamba_ssm changes is set here."""
+        cfg = self.config
+        device = self.A_log.device
+        # dt = softplus(dt_bias) starts log-uniform in [dt_min, dt_max], floored: store softplus^-1(dt)
+        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(self.nheads, device=device) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # one scalar decay per head: A = -U(A_init_range)
+        low, high = cfg.A_init_range
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(low, high)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+        for linear in (self.in_proj, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        # GPT-2 style: out_proj feeds the residual stream once per layer, so scale it by 1/sqrt(n_layer)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+
+    def forward(self, u, attention_mask=None, conv_state=None, ssm_state=None, kernels=None):
+        """Args:
+            u: (b, l, d)
+            attention_mask: (b, l) bool or None; False = left padding, which never moves the state
+            conv_state (b, conv_dim, k), ssm_state (b, h, p, n): this layer's cache tensors to fill, or None
+            kernels: the concrete kernel backends (KernelChoice; its `scan` is the SSD backend)
+        Returns:
+            (b, l, d)
+        """
+        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
+        b, l, _ = u.shape
+        zxbcdt = self.in_proj(u)                                               # (b, l, d_in_proj)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # the conv takes a (b, conv_dim, l) view of the token-major storage and returns one the same way
+        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+                            mask=attention_mask, conv_state=conv_state, backend=kernels.conv).transpose(1, 2)
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())                                     # (h,)
+        dt_bias, softplus, dt_limit = self.dt_bias, True, self.config.dt_limit
+        if attention_mask is not None:
+            # dt = 0 at pads (after the clamp): exp(0 * A) = 1 and dt * x = 0, so the state does not move
+            dt = process_dt(dt, self.dt_bias, True, dt_limit) * attention_mask[:, :, None]
+            dt_bias, softplus, dt_limit = None, False, (0.0, math.inf)
+        y = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                     B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                     D=self.D, dt_bias=dt_bias, dt_softplus=softplus, dt_limit=dt_limit,
+                     return_final_states=ssm_state is not None, chunk_size=self.config.chunk_size,
+                     backend=kernels.scan)                                     # (b, l, h, p)
+        if ssm_state is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+        y = self.norm(y.flatten(-2), z, out_dtype=_compute_dtype(y, self.out_proj.weight))   # (b, l, d_in)
+        return self.out_proj(y)                                                # (b, l, d)
+
+    def step(self, u, conv_state, ssm_state):
+        """One token. Args: u (b, d); conv_state (b, conv_dim, k) and ssm_state (b, h, p, n), updated in place.
+        Returns: (b, d)"""
+        zxbcdt = self.in_proj(u)                                               # (b, d_in_proj)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                   activation="silu").to(z.dtype)              # (b, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_state_update(ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                             B.unflatten(-1, (self.ngroups, self.d_state)),
+                             C.unflatten(-1, (self.ngroups, self.d_state)), D=self.D, dt_bias=self.dt_bias,
+                             dt_softplus=True, dt_limit=self.config.dt_limit)  # (b, h, p)
+        y = self.norm(y.flatten(-2), z, out_dtype=_compute_dtype(y, self.out_proj.weight))   # (b, d_in)
+        return self.out_proj(y)                                                # (b, d)
+
+
+class Mamba2Block(nn.Module):
+    """Pre-norm residual block with the residual add fused into the norm (see models/mamba.py's MambaBlock):
+    takes the previous mixer output and the residual stream, returns (this mixer's output, the stream)."""
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = Mamba2Mixer(config)
+
+    def _add_norm(self, h, residual, backend):
+        residual_dtype = torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype
+        return add_rms_norm(h, residual, self.norm.weight, self.norm.eps,
+                            out_dtype=_compute_dtype(h, self.mixer.in_proj.weight), residual_dtype=residual_dtype,
+                            backend=backend)
+
+    def forward(self, h, residual=None, attention_mask=None, conv_state=None, ssm_state=None, kernels=None):
+        """h, residual: (b, l, d) -> (mixer output, residual), both (b, l, d)."""
+        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
+        normed, residual = self._add_norm(h, residual, kernels.norm)
+        return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
+
+    def step(self, h, residual, conv_state, ssm_state):
+        """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
+        normed, residual = self._add_norm(h, residual, "torch")
+        return self.mixer.step(normed, conv_state, ssm_state), residual
+
+
+class Mamba2LanguageModel(MambaLanguageModel):
+    """Token embedding -> n_layer Mamba2Blocks -> RMSNorm -> LM head (tied to the embedding).
+
+    Everything around the blocks (forward, loss, prefill, step, step_states, generate, checkpoints) is the
+    language model of models/mamba.py; this class supplies the blocks, the cache shapes and the kernel choice."""
+
+    family = "mamba2"
+    block_class = Mamba2Block
+
+    def __init__(self, config: Mamba2Config):
+        if not isinstance(config, Mamba2Config):
+            raise TypeError(f"Mamba2LanguageModel needs a Mamba2Config, got {type(config).__name__}")
+        super().__init__(config)
+
+    def kernels_for(self, device: torch.device) -> KernelChoice:
+        """The concrete backend of every kernel for `device`, resolved once per device type and logged."""
+        if self._kernels is None or self._kernels[0] != device.type:
+            requested = self.config.scan_backend
+            try:
+                name = resolve_ssd_backend(requested, device)
+            except RuntimeError as err:
+                name = resolve_ssd_backend("auto", device)
+                logger.warning("%s Falling back to SSD backend %r.", err, name)
+            choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
+                                  norm=resolve_norm_backend("auto", device))
+            note = " (no Triton SSD kernels yet: the matmul-based chunked scan runs on CUDA too)" \
+                if device.type == "cuda" and name == "chunked" else ""
+            logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
+                        "gated RMSNorm torch, LM loss chunked", device.type, choice.scan, requested, note,
+                        choice.conv, choice.norm)
+            self._kernels = (device.type, choice)
+        return self._kernels[1]
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        """Empty recurrent state: per layer conv (b, conv_dim, k) in `dtype` and SSM (b, h, p, n) in fp32."""
+        weight = self.backbone.embeddings.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        cfg = self.config
+        return MambaCache(
+            conv_states=[torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, device=device, dtype=dtype)
+                         for _ in range(cfg.n_layer)],
+            ssm_states=[torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device,
+                                    dtype=torch.float32) for _ in range(cfg.n_layer)],
+        )
