@@ -135,13 +135,15 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.flatten(-2), z, out_dtype=_compute_dtype(y, self.out_proj.weight))   # (b, l, d_in)
         return self.out_proj(y)                                                # (b, l, d)
 
-    def step(self, u, conv_state, ssm_state):
+    def step(self, u, conv_state, ssm_state, kernels=None):
         """One token. Args: u (b, d); conv_state (b, conv_dim, k) and ssm_state (b, h, p, n), updated in place.
         Returns: (b, d)"""
+        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
         zxbcdt = self.in_proj(u)                                               # (b, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                                   activation="silu").to(z.dtype)              # (b, conv_dim)
+        fused = kernels.conv == "triton" and not torch.compiler.is_compiling()   # as in SelectiveSSM.step
+        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+                                   backend="triton" if fused else "torch").to(z.dtype)   # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         y = ssd_state_update(ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
@@ -174,10 +176,11 @@ class Mamba2Block(nn.Module):
         normed, residual = self._add_norm(h, residual, kernels.norm)
         return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
 
-    def step(self, h, residual, conv_state, ssm_state):
+    def step(self, h, residual, conv_state, ssm_state, kernels=None):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
-        normed, residual = self._add_norm(h, residual, "torch")
-        return self.mixer.step(normed, conv_state, ssm_state), residual
+        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
+        normed, residual = self._add_norm(h, residual, kernels.norm)
+        return self.mixer.step(normed, conv_state, ssm_state, kernels), residual
 
 
 class Mamba2LanguageModel(MambaLanguageModel):
