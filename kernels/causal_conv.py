@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import triton_importable, triton_interpreting
+from .backends import resolve, triton_importable
 
 CONV_BACKENDS = ("auto", "torch", "triton")
 ACTIVATIONS = (None, "silu")
@@ -30,16 +30,7 @@ ACTIVATIONS = (None, "silu")
 
 def resolve_conv_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; check that an explicit one can run there."""
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"conv backend {backend!r} is unknown; allowed: {', '.join(CONV_BACKENDS)}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "torch"
-    if backend == "triton" and not (triton_importable() and (device.type == "cuda" or triton_interpreting())):
-        why = ("Triton is not installed (pip install triton)" if not triton_importable()
-               else f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run them on the CPU")
-        raise RuntimeError(f"conv backend 'triton' cannot run here: {why}. Use backend='torch' or 'auto'.")
-    return backend
+    return resolve("conv", backend, CONV_BACKENDS, device, pytorch_path="torch")
 
 
 def channels_contiguous(x: torch.Tensor) -> bool:

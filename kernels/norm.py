@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .selective_scan import triton_importable, triton_interpreting
+from .backends import resolve
 
 NORM_BACKENDS = ("auto", "torch", "triton")
 
@@ -38,20 +38,7 @@ def add_rms_norm_torch(x, residual, weight, eps=1e-5, out_dtype=None, residual_d
 
 def resolve_norm_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; check that an explicit one can run there."""
-    if backend not in NORM_BACKENDS:
-        raise ValueError(f"norm backend {backend!r} is unknown; allowed: {', '.join(NORM_BACKENDS)}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "torch"
-    if backend == "triton":
-        if not triton_importable():
-            raise RuntimeError("norm backend 'triton' cannot run here: Triton is not installed (pip install triton). "
-                               "Use backend='torch' or 'auto'.")
-        if device.type != "cuda" and not triton_interpreting():
-            raise RuntimeError(f"norm backend 'triton' cannot run here: Triton kernels need CUDA tensors (got "
-                               f"{device.type}); set TRITON_INTERPRET=1 to run them on the CPU, or use "
-                               "backend='torch' or 'auto'.")
-    return backend
+    return resolve("norm", backend, NORM_BACKENDS, device, pytorch_path="torch")
 
 
 def add_rms_norm(x, residual, weight, eps=1e-5, out_dtype=None, residual_dtype=torch.float32, backend="auto"):

@@ -5,48 +5,31 @@ Backends, all with the signature of `selective_scan` below:
     "chunked"  kernels/chunked.py    pure PyTorch, parallel inside chunks, sequential across them
     "triton"   kernels/triton_scan.py fused Triton kernels, forward and backward (CUDA, or TRITON_INTERPRET=1)
     "auto"     the fastest available for the tensors' device: triton on CUDA when Triton imports, else chunked
+                                      (kernels/backends.py decides, for every kernel alike)
 
-This module is the only place that decides which backend runs.
+This module is the only place that picks the scan's implementation.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from .backends import resolve, triton_runs_on
+
 BACKENDS = ("auto", "ref", "chunked", "triton")
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Concrete backends that can run on `device`, slowest first."""
     device = torch.device(device)
     names = ["ref", "chunked"]
-    if triton_importable() and (device.type == "cuda" or triton_interpreting()):
+    if triton_runs_on(device):
         names.append("triton")
     return names
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; check that an explicit one can run there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"scan backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "chunked"
-    if backend == "triton" and backend not in available_backends(device):
-        why = ("Triton is not installed (pip install triton)" if not triton_importable()
-               else f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run them on the CPU")
-        raise RuntimeError(f"scan backend 'triton' cannot run here: {why}. Use backend='chunked' or 'auto'.")
-    return backend
+    return resolve("scan", backend, BACKENDS, device, pytorch_path="chunked")
 
 
 def _implementation(name: str):

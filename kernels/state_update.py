@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import triton_importable
+from .backends import triton_importable
 
 STATE_UPDATE_BACKENDS = ("auto", "torch", "triton")
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .causal_conv import channels_contiguous, empty_like_order
-from .selective_scan import triton_interpreting
+from .backends import triton_interpreting
 
 NUM_WARPS = 4
 BWD_SEGMENT = 256           # time steps one backward program walks (its dw/dbias partial covers them)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import triton_interpreting
+from .backends import triton_interpreting
 
 TILE_ELEMENTS = 4096          # elements of one (BLOCK_M, BLOCK_N) tile: BLOCK_M = 4 rows at d 768 / 1024
 MAX_BLOCK_M = 16

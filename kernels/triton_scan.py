@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import triton_interpreting
+from .backends import triton_interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = 2^(x log2 e): exp2 is one instruction
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selective_scan import triton_interpreting
+from .backends import triton_interpreting
 from .triton_scan import LOG2E, _softplus
 
 TILE = 2048            # state elements per program: small programs so that batch 1 still fills the GPU

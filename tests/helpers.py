@@ -16,3 +16,24 @@ def randomize_parameters(model: torch.nn.Module, scale: float = 0.2) -> torch.nn
         else:
             p.copy_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+def run_interpreter_suite(test_file: str) -> None:
+    """Run the `interp_` tests of `test_file` in a fresh Python with TRITON_INTERPRET=1 and assert they all passed.
+
+    Triton reads the variable when it is imported, so the interpreter cannot be switched on inside this process:
+    each kernel test module has one launcher test that calls this, and its `interp_` tests (skipped in a plain run)
+    run in the subprocess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
+                           "-m", "not gpu", str(Path(test_file).resolve().relative_to(root))],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]

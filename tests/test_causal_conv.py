@@ -6,12 +6,11 @@ The reference itself is pinned to the model's nn.Conv1d formula by plain CPU tes
 """
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_interpreter_suite
 import torch.nn.functional as F
 
 from kernels import causal_conv1d, causal_conv1d_update
@@ -322,14 +321,7 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
-                           "-m", "not gpu", str(Path(__file__).relative_to(root))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]
+    run_interpreter_suite(__file__)
 
 
 # ---------------------------------------------------------------- GPU (training shapes, bf16)

@@ -6,14 +6,11 @@ On the CPU the Triton kernels run under Triton's interpreter, switched on before
 does). The `gpu` tests run the same checks on CUDA at a real width.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import randomize_parameters
+from helpers import randomize_parameters, run_interpreter_suite
 from models import MambaConfig, MambaLanguageModel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,14 +111,7 @@ def test_interp_compiled_model_is_one_graph():
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
-                           "-m", "not gpu", str(Path(__file__).relative_to(root))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]
+    run_interpreter_suite(__file__)
 
 
 @pytest.mark.gpu

@@ -6,15 +6,14 @@ imported: `test_interpreter_suite` re-runs this module with TRITON_INTERPRET=1 a
 The `gpu` tests run on CUDA at a model's shape, and are skipped without a GPU.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_interpreter_suite
+
 from kernels import add_rms_norm
-from kernels.norm import add_rms_norm_torch, resolve_norm_backend
+from kernels.norm import resolve_norm_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
@@ -227,14 +226,7 @@ def test_kernels_compile_for_hopper(d, n_rows, dtype):
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
-                           "-m", "not gpu", str(Path(__file__).relative_to(root))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]
+    run_interpreter_suite(__file__)
 
 
 # ---------------------------------------------------------------- GPU (a model's shape)

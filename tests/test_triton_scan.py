@@ -6,12 +6,11 @@ variable set, and the tests marked `interp` run there (small shapes). The `gpu` 
 bf16) and are skipped without a GPU.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_interpreter_suite
 
 from kernels import selective_scan, selective_state_update
 from kernels.reference import selective_scan_ref
@@ -254,14 +253,7 @@ def test_kernels_compile_for_hopper(dim, dstate, seqlen, flags):
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interp_",
-                           "-m", "not gpu", str(Path(__file__).relative_to(root))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]
+    run_interpreter_suite(__file__)
 
 
 # ---------------------------------------------------------------- GPU (larger shapes, bf16)
