@@ -129,17 +129,17 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The model and tokenizer of the newest complete checkpoint at --checkpoint. Raises UsageError."""
     path = Path(args.checkpoint)
     try:
-        ckpt = find_latest_checkpoint(path)
+        ckpt = find_latest_checkpoint(path, for_inference=True)
     except FileNotFoundError as err:
         raise UsageError(f"{err}: train a model with `python train.py`, or pass --checkpoint DIR") from None
-    except ValueError as err:   # e.g. a step folder without its COMPLETE marker
+    except ValueError as err:   # a step folder without its COMPLETE marker, or a damaged one (CheckpointDamaged)
         raise UsageError(str(err)) from None
     if ckpt is None:
         raise UsageError(f"no checkpoint found in {str(path)!r}: looked for step_*/ or best/ folders with a COMPLETE "
                          f"marker (in it or in run folders inside it) and for config.json + model weights; "
                          f"{describe_dir(path)}. Train one with `python train.py`, or pass --checkpoint DIR.")
     try:
-        model, tokenizer, ckpt = load_model_and_tokenizer(ckpt, device=device, dtype=dtype)
+        model, tokenizer, ckpt = load_model_and_tokenizer(ckpt, device=device, dtype=dtype, verified=True)
     except (FileNotFoundError, ValueError, DataError) as err:   # DataError is a ValueError; named for the reader
         raise UsageError(f"cannot load the checkpoint {str(ckpt)!r}: {err}") from None
     if tokenizer.vocab_size > model.config.vocab_size:

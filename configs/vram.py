@@ -68,13 +68,15 @@ VRAM_PRESETS = {
     },
 }
 
-# The CPU: a short run (about three minutes for "tiny" on 2 cores, data preparation included) that still shows
-# the loss falling. A 4096-token vocabulary: for a 1M-parameter model the 16384 default would spend most of
-# each step in the output layer.
+# The CPU: a first run that convinces in under two minutes of training on 2 cores (~95 s on a quiet machine,
+# plus about a minute of data preparation the first time): validation loss below 4.9 and samples that read like
+# Python. A tiny model learns fast at a high rate: lr 3e-3 for 500 steps reaches ~4.8 where 6e-4 for 200 steps
+# stopped at 6.4 (README, first run). A 4096-token vocabulary: for a 0.3M-parameter model the 16384 default
+# would spend most of each step in the output layer.
 CPU_PRESET = {
     "layout": {"micro_batch_size": 8, "grad_accum_steps": 1, "seq_len": 256, "gradient_checkpointing": False},
-    "schedule": {"max_steps": 200, "warmup_steps": 20, "eval_interval": 50, "eval_batches": 4,
-                 "checkpoint_interval": 100},
+    "schedule": {"lr": 3e-3, "max_steps": 500, "warmup_steps": 30, "eval_interval": 100, "eval_batches": 4,
+                 "checkpoint_interval": 250},
     "data": {"vocab_size": 4096},
 }
 

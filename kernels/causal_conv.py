@@ -107,7 +107,7 @@ def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state
     return causal_conv1d_triton(x, weight, bias, activation, mask)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
+def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation="silu"):
     """One decoding step: conv_state (b, d, k) shifts left by one and takes x (b, d) as its last column, in place;
     returns act(sum_j conv_state[.., j] * weight[:, j] + bias) (b, d) in x's dtype (computed in fp32)."""
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
@@ -118,6 +118,20 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu", backend="auto"):
+    """One decoding step (see causal_conv1d_update_torch). backend: "auto" (one Triton kernel on CUDA, outside
+    torch.compile, which traces and fuses the PyTorch version itself), "torch" or "triton"."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if backend == "auto":
+        backend = ("triton" if x.device.type == "cuda" and triton_importable()
+                   and not torch.compiler.is_compiling() else "torch")
+    if resolve_conv_backend(backend, x.device) == "torch":
+        return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+    from .triton_conv import causal_conv1d_update_triton
+    return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
 
 
 def _check(x, weight, bias, activation, mask, conv_state):

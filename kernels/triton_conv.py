@@ -293,3 +293,56 @@ def causal_conv1d_triton(x, weight, bias=None, activation="silu", mask=None):
         raise RuntimeError(f"the Triton conv needs CUDA tensors (got {x.device.type}); set TRITON_INTERPRET=1 to "
                            "run it on the CPU, or use backend='torch'")
     return causal_conv1d_fwd_op(x, weight, bias, mask, activation == "silu")
+
+
+# ---------------------------------------------------------------- one decoding step
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr,
+    dim, s_xb, s_sb, s_sd, s_sk, s_wd, s_wk, s_yb,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """conv_state (b, d, k) <- [conv_state[.., 1:], x];  y = act(<conv_state, w> + bias). One pass over the state:
+    read once, written once, in place (each program owns its channels' whole window)."""
+    pid_b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < dim
+    mask_dk = mask_d[:, None] & (offs_k < K)[None, :]
+    state_ptrs = state_ptr + pid_b * s_sb + offs_d[:, None] * s_sd
+    # the window shifted left by one: column j takes column j + 1, and the last column takes x
+    shifted = tl.load(state_ptrs + (offs_k + 1)[None, :] * s_sk, mask=mask_d[:, None] & (offs_k + 1 < K)[None, :],
+                      other=0.0)
+    x = tl.load(x_ptr + pid_b * s_xb + offs_d, mask=mask_d, other=0.0)
+    window = tl.where((offs_k == K - 1)[None, :], x[:, None].to(shifted.dtype), shifted)   # (BD, BK)
+    tl.debug_barrier()             # every column is read before any is overwritten
+    tl.store(state_ptrs + offs_k[None, :] * s_sk, window, mask=mask_dk)
+    w = tl.load(w_ptr + offs_d[:, None] * s_wd + offs_k[None, :] * s_wk, mask=mask_dk, other=0.0).to(tl.float32)
+    y = tl.sum(window.to(tl.float32) * w, axis=1)                                            # (BD,)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + pid_b * s_yb + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation="silu"):
+    """One decoding step in one kernel; the contract of kernels/causal_conv.py's causal_conv1d_update_torch."""
+    if x.device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(f"the Triton conv step needs CUDA tensors (got {x.device.type}); set TRITON_INTERPRET=1 "
+                           "to run it on the CPU, or use backend='torch'")
+    batch, dim = x.shape
+    k = weight.shape[1]
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    block_d = min(256, triton.next_power_of_2(dim))
+    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+        x, conv_state, weight, bias if bias is not None else weight, y,
+        dim, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        weight.stride(0), weight.stride(1), y.stride(0),
+        K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=bias is not None, SILU=activation == "silu",
+        BLOCK_D=block_d, num_warps=4,
+    )
+    return y

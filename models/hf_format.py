@@ -11,15 +11,19 @@ Read:
 Write: the HF format, which transformers loads as it is; two extra keys (pad_vocab_size_multiple,
 unpadded_vocab_size) keep our unpadded vocabulary size, and transformers ignores them.
 
-Loading is strict: any missing or unexpected tensor, or a shape that does not match the config, is a ValueError.
+Loading is strict: any missing or unexpected tensor, or a shape that does not match the config, is a ValueError;
+so is a file that cannot be read as what its name says (cut short, overwritten, bit rot), naming the file.
+(Our own checkpoints carry a manifest of checksums that training/checkpoint.py verifies before loading.)
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import MambaConfig
@@ -160,8 +164,8 @@ def read_config(path: Path, scan_backend: str = "auto", family: str | None = Non
                                 f"(it holds: {_listing(path)})")
     try:
         d = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON (damaged?): {err}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{file} must hold a JSON object")
     found = detect_family(d)
@@ -209,12 +213,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(file):
-    return load_file(str(file), device="cpu")
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, RuntimeError, ValueError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file, damaged or cut short ({err})") from None
 
 
 def _load_bin(file):
     # weights_only: a pickle from the internet must not run code
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{file}: not a readable PyTorch file, damaged or cut short ({err})") from None
 
 
 def _load_sharded(path, index_name, load):

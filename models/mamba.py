@@ -166,12 +166,15 @@ class SelectiveSSM(nn.Module):
             ssm_state.copy_(last_state)
         return self.out_proj(y.transpose(1, 2))                                # (b, l, d)
 
-    def step(self, x, conv_state, ssm_state):
+    def step(self, x, conv_state, ssm_state, kernels=KernelChoice.for_scan("ref")):
         """One token. Args: x (b, d); conv_state (b, d_in, k) and ssm_state (b, d_in, n), updated in place.
         Returns: (b, d)"""
         x, z = self.in_proj(x).chunk(2, dim=-1)                                # (b, d_in) each
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                                 activation="silu").to(z.dtype)                # (b, d_in)
+        # one kernel for the conv window's shift and dot product where the fused kernels run (under torch.compile
+        # the PyTorch step is traced and fused by the compiler instead)
+        fused = kernels.conv == "triton" and not torch.compiler.is_compiling()
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+                                 backend="triton" if fused else "torch").to(z.dtype)                    # (b, d_in)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)                                                  # (b, d_in), bias included
         A = -torch.exp(self.A_log.float())                                     # (d_in, n)
@@ -206,10 +209,10 @@ class MambaBlock(nn.Module):
         normed, residual = self._add_norm(h, residual, kernels.norm)
         return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
 
-    def step(self, h, residual, conv_state, ssm_state):
+    def step(self, h, residual, conv_state, ssm_state, kernels=KernelChoice.for_scan("ref")):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
-        normed, residual = self._add_norm(h, residual, "torch")
-        return self.mixer.step(normed, conv_state, ssm_state), residual
+        normed, residual = self._add_norm(h, residual, kernels.norm)
+        return self.mixer.step(normed, conv_state, ssm_state, kernels), residual
 
 
 class MambaLanguageModel(nn.Module):
@@ -364,11 +367,13 @@ class MambaLanguageModel(nn.Module):
         """step() on the bare per-layer state tensors, with no Python bookkeeping: what a CUDA graph captures and
         torch.compile traces (inference/decoder.py). token_ids (b,) -> logits (b, v); states updated in place."""
         h = self.backbone.embeddings(token_ids)                                # (b, d)
+        kernels = self.kernels_for(h.device)
         residual = None
         for layer, conv_state, ssm_state in zip(self.backbone.layers, conv_states, ssm_states):
-            h, residual = layer.step(h, residual, conv_state, ssm_state)
+            h, residual = layer.step(h, residual, conv_state, ssm_state, kernels)
         norm_f = self.backbone.norm_f
-        hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, backend="torch")
+        hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, out_dtype=_compute_dtype(h, norm_f.weight),
+                                 backend=kernels.norm)
         return self.lm_head(hidden)                                            # (b, v)
 
     def prefill(self, input_ids, cache: MambaCache, attention_mask=None):

@@ -252,13 +252,33 @@ def test_update_steps_continue_the_prefill(dtype):
     causal_conv1d(x[..., :prefill], weight, bias, "silu", conv_state=state, backend="torch")
     state_model = state.clone()
     for t in range(prefill, prefill + steps):
-        y = causal_conv1d_update(x[..., t], state, weight, bias, "silu")
+        y = causal_conv1d_update(x[..., t], state, weight, bias, "silu", backend="torch")
         # the model's step today (SelectiveSSM.step)
         state_model.copy_(torch.roll(state_model, shifts=-1, dims=-1))
         state_model[:, :, -1] = x[..., t]
         y_model = F.silu(torch.sum(state_model * weight, dim=-1) + bias).to(dtype)
         assert y.dtype == dtype and torch.equal(state, state_model)
         assert rel_err(y, y_full[..., t]) < TOL[dtype] and rel_err(y, y_model) < TOL[dtype]
+
+
+@interp
+@pytest.mark.parametrize("dtype,state_dtype,k,dim,with_bias", [(torch.float32, torch.float32, 4, 5, True),
+                                                                (torch.bfloat16, torch.bfloat16, 3, 33, False),
+                                                                (torch.float16, torch.float32, 1, 7, True)])
+def test_interp_update_kernel(dtype, state_dtype, k, dim, with_bias):
+    """The one-kernel decoding step against the PyTorch step: y and the shifted window, several steps running."""
+    g = torch.Generator().manual_seed(dim)
+    batch = 3
+    weight = torch.randn(dim, k, generator=g)
+    bias = torch.randn(dim, generator=g) if with_bias else None
+    state = torch.randn(batch, dim, k, generator=g).to(state_dtype)
+    state_ref = state.clone()
+    for _ in range(3):
+        x = torch.randn(batch, dim, generator=g).to(dtype)
+        y = causal_conv1d_update(x, state, weight, bias, "silu", backend="triton")
+        y_ref = causal_conv1d_update(x, state_ref, weight, bias, "silu", backend="torch")
+        assert y.dtype == dtype and torch.equal(state, state_ref)
+        assert rel_err(y, y_ref) < TOL[dtype]
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
@@ -287,6 +307,16 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         assert len(kernel.asm["cubin"]) > 0
+    # the decoding step's kernel, with the state's last axis contiguous (the cache's layout)
+    fn = tc._conv_update_kernel
+    constexprs = dict(K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=flags, SILU=flags,
+                      BLOCK_D=min(256, triton.next_power_of_2(dim)), s_sk=1)
+    signature = {name: "constexpr" if name in constexprs else
+                 ("*bf16" if name in ("x_ptr", "y_ptr", "state_ptr") else "*fp32") if name.endswith("_ptr") else "i32"
+                 for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert len(kernel.asm["cubin"]) > 0
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")

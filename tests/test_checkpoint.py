@@ -35,7 +35,8 @@ def test_layout_and_weights_only_state(tmp_path):
     (d,) = save(tmp_path, 10)
     assert d.name == "step_000010"
     assert {p.name for p in d.iterdir()} == {"config.json", "pytorch_model.bin", "tokenizer.json",
-                                              "train_config.json", "training_state.pt", "COMPLETE"}
+                                              "train_config.json", "training_state.pt", "manifest.json",
+                                              "COMPLETE"}
     state = ck.load_training_state(d)      # weights_only=True inside
     assert state["step"] == 10 and torch.equal(state["t"], torch.arange(3))
     assert ck.load_train_config(d) == {"seed": 1}

@@ -88,7 +88,7 @@ def test_interp_fused_model_prefill_then_step():
             cache = model.init_cache(2)
             first = model.prefill(ids, cache)
             outs.append((first, model.step(ids[:, 0], cache), cache))
-    (f1, f2, fc), (r1, r2, rc) = outs
+    (f1, f2, fc), (r1, r2, rc) = outs     # the fused step: the Triton conv step and add+RMSNorm kernels
     assert rel_err(f1, r1) < 2e-5 and rel_err(f2, r2) < 2e-5
     for a, b in zip(fc.conv_states + fc.ssm_states, rc.conv_states + rc.ssm_states):
         assert rel_err(a, b) < 2e-5

@@ -163,7 +163,10 @@ def test_out_of_memory_halves_the_micro_batch(corpus, tmp_path):
     assert loss == pytest.approx(ref_loss, rel=1e-5)  # same rows, same effective batch
     a = [p.detach() for p in ref.raw_model.parameters()]
     b = [p.detach() for p in trainer.raw_model.parameters()]
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+    # Adam's first step moves each weight by ~lr * sign(grad) = 1e-3: a wrong row or a lost micro-batch shows at that
+    # scale. Summation order alone (one row per pass, and the chunked loss's per-chunk dW) moves grads near Adam's
+    # eps by rounding, a few 1e-6 at most.
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
     assert trainer.training_state()["micro_split"] == 1
 
     def no_memory(x, targets=None, **kw):

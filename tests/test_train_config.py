@@ -15,7 +15,7 @@ def test_presets_combine_and_overrides_win(tmp_path):
     assert cfg.vram == "cpu" and cfg.model_size == "tiny" and cfg.training == "default"
     assert cfg.max_steps == CPU_PRESET["schedule"]["max_steps"]
     assert cfg.seq_len == CPU_PRESET["layout"]["seq_len"]
-    assert cfg.lr == TRAINING_PRESETS["default"]["lr"]
+    assert cfg.lr == CPU_PRESET["schedule"]["lr"]      # the CPU preset sets its own rate (a tiny model, 500 steps)
 
     gb = 24 * GIB
     cfg = resolve_config({"training": "careful"}, device_type="cuda", total_memory_bytes=gb)
@@ -154,3 +154,23 @@ def test_every_gpu_preset_passes_its_own_fit_check():
                                                         layout["grad_accum_steps"], layout["seq_len"],
                                                         layout["gradient_checkpointing"], "bf16", budget)
             assert not notes and est.total <= budget, (vram, size, est.describe())
+
+
+def test_passes_are_said_and_the_builtin_default_is_sized_to_the_corpus():
+    from training.config import TrainConfig
+    from training.launch import describe_passes, plan_passes
+    gpu = TrainConfig(max_steps=5000, micro_batch_size=16, grad_accum_steps=4, seq_len=2048, warmup_steps=200,
+                      eval_interval=250, checkpoint_interval=500)
+    said = []
+    # the case: medium on 16gb, the built-in corpus of a Python without its tests (2.6M tokens)
+    sized = plan_passes(gpu, 2_600_000, 1, builtin=True, steps_given=False, log=said.append)
+    assert sized.max_steps == 79 and sized.warmup_steps == 7 and sized.eval_interval == 15
+    assert "would be 252 passes" in said[0] and "trains 79 steps (4 passes)" in said[0]
+    assert "3.98 passes" in describe_passes(sized, 2_600_000, 1)
+    # steps given explicitly, or your own data: kept, with a warning above 4 passes
+    assert plan_passes(gpu, 2_600_000, 1, builtin=True, steps_given=True, log=said.append).max_steps == 5000
+    assert plan_passes(gpu, 2_600_000, 1, builtin=False, steps_given=False, log=said.append).max_steps == 5000
+    assert len(said) == 1
+    line = describe_passes(gpu, 2_600_000, 1)
+    assert "252.06 passes" in line and "warning: 252 passes" in line and "--max_steps 79 is 4 passes" in line
+    assert "warning" not in describe_passes(TrainConfig(max_steps=200), 9_500_000, 1)

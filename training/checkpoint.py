@@ -7,20 +7,28 @@ A run directory (checkpoints/<run_name>/) holds step folders and best/:
                    train_config.json                  (the resolved TrainConfig)
                    training_state.pt                  (optimizer, step, scaler, RNG states, sampler positions;
                                                        plain types and tensors only: loads with weights_only=True)
-                   COMPLETE                           (written last: a folder without it is ignored)
-    best/          the same, for the lowest validation loss so far
+                   manifest.json                      (every file's size and CRC-32: training/manifest.py)
+                   COMPLETE                           (written last, holds the manifest's checksum: a folder
+                                                       without it is ignored)
+    best/          the same, for the lowest validation loss so far: a real copy, not a link, so damage to
+                   one file never takes both (it costs one more checkpoint of disk)
     metrics.jsonl, loss.png
 
-Writing: everything goes into a hidden temporary folder beside the target, every file is fsynced, the marker
-is written and fsynced last, then the folder is renamed into place (a rename within one filesystem is atomic)
+Writing: everything goes into a hidden temporary folder beside the target, every file is fsynced, the manifest
+is written, the marker is written and fsynced last, then the folder is renamed into place (a rename within one filesystem is atomic)
 and the parent directory fsynced. A crash (kill -9, power loss) at any moment leaves either the old state or
 the new one; a failed write (full disk) raises, deletes its temporary folder and leaves every earlier
 checkpoint as it was. Only complete folders count; the newest `keep_last` of them are kept, plus best/.
+
+Reading: a checkpoint is verified against its manifest before use (sizes, then checksums). Looking for the
+newest one skips a damaged folder with a message naming the file and the reason and takes the next intact one;
+a damaged folder asked for by name raises CheckpointDamaged (a ValueError) naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,7 +39,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-MARKER = "COMPLETE"
+from .manifest import MANIFEST, MARKER, CheckpointDamaged, checkpoint_bytes, read_manifest, verify, write_manifest
+
 STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 BEST = "best"
@@ -78,11 +87,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Create folder `target` atomically: fill(tmp) writes the files, then fsync, marker, rename.
+def write_atomic_dir(target: Path, fill: Callable[[Path], None], expect: dict | None = None) -> Path:
+    """Create folder `target` atomically: fill(tmp) writes the files, then fsync, manifest, marker, rename.
 
     If target exists it is replaced only after the new folder is complete. If fill or any write raises,
-    the temporary folder is removed and the exception propagates; target is untouched.
+    the temporary folder is removed and the exception propagates; target is untouched. `expect`: a manifest
+    file table the new folder must match (a copy of another checkpoint), else OSError and nothing replaced.
     """
     target = Path(target)
     parent = target.parent
@@ -97,8 +107,11 @@ def write_atomic_dir(target: Path, fill: Callable[[Path], None]) -> Path:
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 _fsync_file(f)
+        marker = write_manifest(tmp)
+        if expect is not None and read_manifest_unchecked(tmp) != expect:
+            raise OSError(f"the copy in {tmp} does not match its source's manifest")
         with open(tmp / MARKER, "w") as f:
-            f.write("ok\n")
+            f.write(marker)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -152,23 +165,61 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: di
     if write_step:
         written.append(write_atomic_dir(run_dir / step_dir_name(step), fill))
     if best:
-        if written:   # same content: hard links cost no space or time (copies where links are unsupported)
-            src = written[0]
-            written.append(write_atomic_dir(run_dir / BEST, lambda tmp: _link_or_copy(src, tmp)))
+        if written:   # a real copy (never a hard link: damage to one must not be damage to both), checked
+            src = written[0]                       # against the step folder's manifest before it counts
+            written.append(write_atomic_dir(run_dir / BEST, lambda tmp: _copy_files(src, tmp),
+                                            expect=read_manifest(src)))
         else:
             written.append(write_atomic_dir(run_dir / BEST, fill))
     prune(run_dir, keep_last)
     return written
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def needed_bytes(run_dir: Path, model, training_state: dict) -> int:
+    """About how many bytes one checkpoint takes: the last one written, else the tensors it will hold."""
+    done = [p for _, p in list_step_dirs(run_dir) if is_complete(p)]
+    if done:
+        return checkpoint_bytes(done[-1])
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensors(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors(v) for v in obj)
+        return 0
+    return total + tensors(training_state)
+
+
+def describe_failed_save(run_dir: Path, step: int, err: OSError, model, training_state: dict) -> str:
+    """One sentence: what failed, how much space a checkpoint needs and how much is free, what is intact."""
+    run_dir = Path(run_dir)
+    need = needed_bytes(run_dir, model, training_state)
+    where = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    prev = find_latest_checkpoint(run_dir, log=lambda m: None) if run_dir.is_dir() else None
+    reason = f"{err.strerror or err}" + (f": {err.filename}" if getattr(err, "filename", None) else "")
+    return (f"could not write the checkpoint of step {step} in {run_dir} ({reason}); a checkpoint needs about "
+            f"{need / 2**20:,.1f} MiB ({free}, and write permission); the previous one "
+            f"({prev if prev else 'none yet'}) is intact")
+
+
+def _copy_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
-        if f.name == MARKER or not f.is_file():
+        if f.name in (MARKER, MANIFEST) or not f.is_file():
             continue
-        try:
-            os.link(f, dst / f.name)
-        except OSError:   # e.g. a filesystem without hard links
-            shutil.copy2(f, dst / f.name)
+        shutil.copyfile(f, dst / f.name)
+
+
+def read_manifest_unchecked(folder: Path) -> dict:
+    """The file table of a manifest just written (no marker yet to check it against)."""
+    with open(Path(folder) / MANIFEST) as f:
+        return json.load(f)["files"]
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -210,48 +261,80 @@ def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _newest_in_run(run_dir: Path, log: Callable[[str], None]) -> Path | None:
-    steps = list_step_dirs(run_dir)
-    for step, p in reversed(steps):
+INFERENCE_SKIP = (STATE_FILE, TRAIN_CONFIG_FILE)   # files generation never reads: not verified for it
+
+
+def damage(path: Path, skip: tuple[str, ...] = ()) -> str | None:
+    """Why the complete checkpoint at `path` cannot be used (naming the file), or None when it is intact."""
+    try:
+        verify(path, skip=skip)
+    except CheckpointDamaged as err:
+        return str(err)
+    return None
+
+
+def _candidates_in_run(run_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    """Complete checkpoints of a run, newest step first, then best/ (not verified yet)."""
+    out = []
+    for step, p in reversed(list_step_dirs(run_dir)):
         if is_complete(p):
-            return p
-        log(f"checkpoint: skipping {p}: incomplete (no {MARKER} marker; the run stopped while writing it)")
+            out.append(p)
+        else:
+            log(f"checkpoint: skipping {p}: incomplete (no {MARKER} marker; the run stopped while writing it)")
     best = run_dir / BEST
-    return best if is_complete(best) else None
+    return out + ([best] if is_complete(best) else [])
 
 
-def find_latest_checkpoint(path: str | Path, log: Callable[[str], None] = _log) -> Path | None:
-    """The newest complete checkpoint at `path`.
+def _first_intact(candidates: list[Path], log: Callable[[str], None], skip: tuple[str, ...]) -> Path | None:
+    for p in candidates:
+        why = damage(p, skip)
+        if why is None:
+            return p
+        log(f"warning: skipping the damaged checkpoint {p}: {why}")
+    return None
+
+
+def _newest_in_run(run_dir: Path, log: Callable[[str], None], skip: tuple[str, ...] = ()) -> Path | None:
+    return _first_intact(_candidates_in_run(run_dir, log), log, skip)
+
+
+def find_latest_checkpoint(path: str | Path, log: Callable[[str], None] = _log,
+                           for_inference: bool = False) -> Path | None:
+    """The newest complete, intact checkpoint at `path` (verified against its manifest).
 
     Args:
         path: a checkpoint folder (returned as is if complete, or if it is a plain HF-format model folder),
             a run directory (its newest complete step folder), or a folder of runs such as checkpoints/
             (the most recently completed checkpoint of any run)
-        log: where to say which incomplete folders were skipped
+        log: where to say which incomplete or damaged folders were skipped
+        for_inference: verify only what generation reads (not the optimizer state)
     Returns:
-        the folder, or None if there is no complete checkpoint there
+        the folder, or None if there is no complete, intact checkpoint there
     Raises:
-        FileNotFoundError if path does not exist; ValueError if path is itself an incomplete checkpoint
+        FileNotFoundError if path does not exist; ValueError if path is itself an incomplete checkpoint;
+        CheckpointDamaged (a ValueError) if path is itself a damaged one
     """
+    skip = INFERENCE_SKIP if for_inference else ()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
     if not path.is_dir():
         raise ValueError(f"checkpoint path {str(path)!r} is a file; give a checkpoint folder or a run directory")
     if is_complete(path):
+        verify(path, skip=skip)
         return path
     if _is_ours(path) and not list_step_dirs(path):
         raise ValueError(f"checkpoint {str(path)!r} is incomplete (no {MARKER} marker: the run stopped while "
                          f"writing it); use an earlier one in {str(path.parent)!r}")
     if _has_weights(path):
         return path                       # a plain HF-format model folder
-    newest = _newest_in_run(path, log)
-    if newest is not None:
-        return newest
-    runs = [c for c in (_newest_in_run(d, log) for d in sorted(path.iterdir()) if d.is_dir()) if c is not None]
-    if not runs:
-        return None
-    return max(runs, key=lambda p: (p / MARKER).stat().st_mtime_ns)
+    own = _candidates_in_run(path, log)
+    if own:
+        return _first_intact(own, log, skip)
+    # a folder of runs: the most recently completed intact checkpoint of any of them
+    runs = [c for d in sorted(path.iterdir()) if d.is_dir() for c in _candidates_in_run(d, log)]
+    runs.sort(key=lambda p: (p / MARKER).stat().st_mtime_ns, reverse=True)
+    return _first_intact(runs, log, skip)
 
 
 def load_training_state(ckpt_dir: Path) -> dict:
@@ -260,29 +343,56 @@ def load_training_state(ckpt_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: {str(ckpt_dir)!r} holds weights only, "
                                 f"so it can start a run (--init_from) but not resume one")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointDamaged(f"{path}: not a readable training state, damaged or cut short ({err})") from None
 
 
 def load_train_config(ckpt_dir: Path) -> dict:
-    with open(Path(ckpt_dir) / TRAIN_CONFIG_FILE) as f:
-        return json.load(f)
+    path = Path(ckpt_dir) / TRAIN_CONFIG_FILE
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (ValueError, OSError) as err:
+        raise CheckpointDamaged(f"{path}: not readable JSON, damaged ({err})") from None
+    if not isinstance(out, dict):
+        raise CheckpointDamaged(f"{path}: damaged (not a JSON object)")
+    return out
 
 
-def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_backend: str = "auto"):
-    """Load the newest complete checkpoint at `path` (see find_latest_checkpoint) for inference.
+def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_backend: str = "auto",
+                             verified: bool = False):
+    """Load the newest complete, intact checkpoint at `path` (see find_latest_checkpoint) for inference.
 
+    Args:
+        verified: `path` is a checkpoint folder that find_latest_checkpoint returned (do not verify again)
     Returns:
         (model, tokenizer, checkpoint folder)
+    Raises:
+        FileNotFoundError, ValueError (CheckpointDamaged included) with a message naming the folder or file
     """
     from models import load_pretrained
     from utils.tokenizer import Tokenizer
 
-    ckpt = find_latest_checkpoint(path)
+    ckpt = Path(path) if verified else find_latest_checkpoint(path, for_inference=True)
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint under {str(path)!r}")
+        raise FileNotFoundError(f"no complete, intact checkpoint under {str(path)!r}")
     model = load_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)   # Mamba-1 or Mamba-2
-    tokenizer = Tokenizer.load(ckpt)
+    tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, ckpt
+
+
+def load_tokenizer(ckpt: Path):
+    """The tokenizer saved in a checkpoint; CheckpointDamaged naming the file when it cannot be read."""
+    from utils.tokenizer import Tokenizer
+    try:
+        return Tokenizer.load(ckpt)
+    except FileNotFoundError:
+        raise
+    except Exception as err:      # tokenizers raises its own Exception subclass for a malformed file
+        raise CheckpointDamaged(f"{Path(ckpt) / 'tokenizer.json'}: not a readable tokenizer, damaged "
+                                f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

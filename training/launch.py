@@ -21,9 +21,12 @@ from . import distributed as dist_utils
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
 from .precision import resolve_device, resolve_precision
+from .stop import StopNow, StopRequested
 from .trainer import Trainer, TrainingStopped
 
 CHECKPOINTS = Path("checkpoints")
+MAX_PASSES = 4          # more passes over the same training tokens than this: say so (and, for the built-in
+                        # corpus with no step count given, train fewer steps)
 
 
 def _say(msg: str) -> None:
@@ -52,7 +55,7 @@ def _find_resume_checkpoint(overrides, config_file) -> Path:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--resume: {err}") from None
     if found is None:
-        raise ConfigError(f"--resume: no complete checkpoint under {str(where)!r} ({what}); "
+        raise ConfigError(f"--resume: no complete, intact checkpoint under {str(where)!r} ({what}); "
                           f"start a new run without --resume")
     if not (found / ckpt.STATE_FILE).is_file() or not (found / ckpt.TRAIN_CONFIG_FILE).is_file():
         raise ConfigError(f"--resume: {str(found)!r} holds weights but no training state; use --init_from to "
@@ -93,14 +96,16 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     from configs.model_sizes import model_config
     from models import build_model, load_pretrained
     from models.hf_format import read_config
-    from utils.tokenizer import Tokenizer
 
     # -- settings: a resumed run starts from its saved config
     resume_from = None
     base = None
     if overrides.get("resume") or (config_file and "resume" in _peek(config_file)):
         resume_from = _find_resume_checkpoint(overrides, config_file)
-        base = ckpt.load_train_config(resume_from)
+        try:
+            base = ckpt.load_train_config(resume_from)
+        except ValueError as err:
+            raise ConfigError(f"--resume: {err}") from None
         base.update(stop_at_step=None, resume=None)    # settings of the earlier session, not of the run
     req = dict(base or {})
     req.update(_peek(config_file) if config_file else {})
@@ -137,7 +142,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         init_dir = resume_from
     elif cfg.init_from:
         try:
-            init_dir = ckpt.find_latest_checkpoint(cfg.init_from)
+            init_dir = ckpt.find_latest_checkpoint(cfg.init_from, for_inference=True)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--init_from: {err}") from None
         if init_dir is None:
@@ -146,7 +151,10 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         if not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"{str(init_dir)!r} has no tokenizer.json; a checkpoint must carry the tokenizer its "
                               f"model was trained with")
-        tokenizer = Tokenizer.load(init_dir)
+        try:
+            tokenizer = ckpt.load_tokenizer(init_dir)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # -- data: rank 0 prepares (or reuses) the shards, the others then read them
     if dist.enabled and not dist.is_main:
@@ -162,6 +170,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         log(f"warning: the validation split has {len(data.val_tokens):,} tokens, fewer than one sequence of "
             f"seq_len + 1 = {cfg.seq_len + 1}, so there will be no evaluation (and no best/ checkpoint). "
             f"Add documents, raise --val_fraction or lower --seq_len.")
+
+    user_keys = set(overrides) | (set(_peek(config_file)) if config_file else set())
+    builtin = data.manifest.get("identity", {}).get("source", {}).get("kind") == "builtin"
+    cfg = plan_passes(cfg, len(data.train_tokens), dist.world_size, builtin,
+                      steps_given="max_steps" in user_keys or resume_from is not None, log=log)
 
     # -- the model
     try:
@@ -201,9 +214,16 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             for note in notes:
                 log(f"memory: {note}")
 
-    resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
-    trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
-                      log=log)
+    try:
+        resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--resume: {err}") from None
+    try:
+        trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
+                          log=log)
+    except OSError as err:      # the run directory cannot be created or written
+        raise ConfigError(f"cannot write to the run directory {str(run_dir)!r} ({err.strerror or err}); choose "
+                          f"a writable --out_dir or --run_name") from None
 
     world = dist.world_size
     log("\n".join([
@@ -222,8 +242,43 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
         f"schedule     {cfg.training}: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
+        describe_passes(cfg, len(data.train_tokens), world),
     ]))
     return trainer
+
+
+def plan_passes(cfg: TrainConfig, train_tokens: int, world: int, builtin: bool, steps_given: bool,
+                log=_say) -> TrainConfig:
+    """Say how many passes over the training tokens the run makes; size a default run on the built-in corpus.
+
+    On the built-in corpus with no step count given (flag, JSON file or resumed run), a schedule of more than
+    MAX_PASSES passes is shortened to MAX_PASSES (warmup and intervals shortened with it), and said plainly.
+    Any other run above MAX_PASSES gets a warning suggesting more data or fewer steps.
+    """
+    per_step = cfg.tokens_per_step * world
+    passes = cfg.max_steps * per_step / max(1, train_tokens)
+    if passes > MAX_PASSES and builtin and not steps_given:
+        steps = max(1, int(MAX_PASSES * train_tokens // per_step))
+        log(f"built-in corpus: {cfg.max_steps:,} steps of {per_step:,} tokens would be {passes:,.0f} passes over "
+            f"its {train_tokens:,} training tokens, so this run trains {steps:,} steps ({MAX_PASSES} passes). "
+            f"Give --max_steps to choose, or --data_dir with more documents")
+        cfg = dataclasses.replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)),
+                                  eval_interval=min(cfg.eval_interval, max(1, steps // 5)),
+                                  checkpoint_interval=min(cfg.checkpoint_interval, steps))
+    return cfg
+
+
+def describe_passes(cfg: TrainConfig, train_tokens: int, world: int) -> str:
+    """The start-up line on data repetition, with a warning line above MAX_PASSES."""
+    per_step = cfg.tokens_per_step * world
+    passes = cfg.max_steps * per_step / max(1, train_tokens)
+    line = (f"passes       {cfg.max_steps:,} steps x {per_step:,} tokens = {cfg.max_steps * per_step:,} planned "
+            f"tokens = {passes:.2f} passes (epochs) over the {train_tokens:,} training tokens")
+    if passes > MAX_PASSES:
+        line += (f"\nwarning: {passes:,.0f} passes over the same data: the model will memorise it rather than learn "
+                 f"more from it. Add documents (--data_dir) or train fewer steps (--max_steps "
+                 f"{max(1, int(MAX_PASSES * train_tokens // per_step)):,} is {MAX_PASSES} passes)")
+    return line
 
 
 def _peek(config_file: str) -> dict:
@@ -244,10 +299,21 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        where = f" in {trainer.run_dir}; continue with --resume" if trainer is not None else ""
-        print(f"\ninterrupted: the newest complete checkpoint is intact{where}", file=sys.stderr)
-        return 130
+    except StopRequested as stop:
+        if trainer.dist.is_main:
+            print(f"\n{stop}: checkpoint {stop.checkpoint}\ncontinue exactly where it stopped with:  "
+                  f"python train.py --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    except (KeyboardInterrupt, StopNow) as err:
+        code = 128 + err.signum if isinstance(err, StopNow) else 130
+        what = f"{err}: stopped at once" if isinstance(err, StopNow) else "interrupted"
+        where = ""
+        if trainer is not None:
+            prev = ckpt.find_latest_checkpoint(trainer.run_dir, log=lambda m: None)
+            where = (f"; the newest complete checkpoint ({prev}) is intact; continue with:  python train.py "
+                     f"--resume {trainer.run_dir}" if prev else "; no checkpoint had been written yet")
+        print(f"\n{what}{where}", file=sys.stderr, flush=True)
+        return code
     finally:
         dist_utils.teardown()
     if trainer.dist.is_main:

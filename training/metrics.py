@@ -4,12 +4,14 @@ metrics.jsonl holds one JSON object per line:
     train rows: {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "skipped"}
     eval rows:  {"step", "tokens", "val_loss", "val_ppl", "best_val_loss"}
 A resumed run first drops the rows after its checkpoint's step, so the file reads as one continuous run.
+A write that fails (full disk, a folder made read-only) is reported once and training goes on.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +29,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
+        self._failed: set[str] = set()      # files whose write failed (reported once each)
         if self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.rows = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
@@ -47,8 +50,11 @@ class MetricsLogger:
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            self._report(self.path, err)
         step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
                    and not isinstance(v, bool) and math.isfinite(v)}
@@ -75,10 +81,20 @@ class MetricsLogger:
         fig.tight_layout()
         out = self.run_dir / "loss.png"
         tmp = self.run_dir / ".loss.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        tmp.replace(out)
+        try:
+            fig.savefig(tmp, format="png", dpi=100)
+            tmp.replace(out)
+        except OSError as err:
+            self._report(out, err)
+        finally:
+            plt.close(fig)
         return out
+
+    def _report(self, path: Path, err: OSError) -> None:
+        if path.name not in self._failed:
+            self._failed.add(path.name)
+            print(f"\nwarning: could not write {path} ({err.strerror or err}); training goes on (reported once)",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._wandb is not None:

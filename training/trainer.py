@@ -25,6 +25,7 @@ from .distributed import DistInfo
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
 from .precision import Precision
+from .stop import GracefulStop, StopRequested
 
 
 class TrainingStopped(RuntimeError):
@@ -76,6 +77,8 @@ class Trainer:
         self.nonfinite_skipped = 0          # steps skipped in total
         self.nonfinite_in_a_row = 0
         self.micro_split = cfg.micro_batch_size   # rows per forward pass; halves on out-of-memory
+        self.stopper = GracefulStop(log=self.log)   # SIGTERM / SIGINT: finish the step, save, stop
+        self.stop_everywhere = False                # some rank was signalled (summed with the step's loss)
         # a small corpus can leave the validation split shorter than one sequence: then there is nothing to evaluate
         self.can_evaluate = len(data.val_tokens) > cfg.seq_len
         if resume_state is not None:
@@ -172,9 +175,12 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        stats = torch.stack([dist_utils.all_reduce_sum(loss.clone()) / self.dist.world_size,
-                             grad_norm.float()]).tolist()              # one device sync per step
-        loss_value, norm_value = stats
+        # the stop flag rides on the loss's all-reduce: every rank learns of a signal at the same step, for free
+        flag = torch.tensor(1.0 if self.stopper.requested else 0.0, device=loss.device)
+        summed = dist_utils.all_reduce_sum(torch.stack([loss.detach().float(), flag]))
+        stats = torch.stack([summed[0] / self.dist.world_size, grad_norm.float(), summed[1]]).tolist()
+        loss_value, norm_value, stop_flag = stats                      # one device sync per step
+        self.stop_everywhere = stop_flag > 0
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if self.scaler.is_enabled():
             if finite:
@@ -211,20 +217,26 @@ class Trainer:
 
     def save(self, best: bool = False, write_step: bool = True, final: bool = False) -> None:
         """Write a checkpoint (rank 0), after gathering every rank's state. A failed write is reported and
-        training goes on (the previous checkpoint is intact), except at the end of the run."""
+        training goes on (the previous checkpoint is intact), except at the end of the run (or of a stop)."""
         state = self.training_state()
         if self.dist.is_main:
             try:
                 ckpt.save_checkpoint(self.run_dir, self.step, self.raw_model, self.tokenizer, self.cfg.to_dict(),
                                      state, keep_last=self.cfg.keep_last, best=best, write_step=write_step)
             except OSError as err:
-                prev = ckpt.find_latest_checkpoint(self.run_dir, log=lambda m: None)
-                msg = (f"could not write the checkpoint of step {self.step} ({err}); the previous one "
-                       f"({prev if prev else 'none'}) is intact")
+                msg = ckpt.describe_failed_save(self.run_dir, self.step, err, self.raw_model, state)
                 if final:
                     raise TrainingStopped(msg) from None
                 self.log(f"\nwarning: {msg}; training goes on and tries again at the next checkpoint")
         dist_utils.barrier()
+
+    def _stop(self, saved: bool, bar) -> None:
+        """A signal arrived during this step: make sure a checkpoint of it exists, then raise StopRequested."""
+        bar.close()
+        if not saved:
+            self.save(final=True)          # a failure here fails loudly (TrainingStopped)
+        signum = self.stopper.signum or 15  # a rank that was not signalled itself stops as for SIGTERM
+        raise StopRequested(signum, self.step, self.run_dir / ckpt.step_dir_name(self.step))
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
@@ -239,6 +251,7 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         tokens_per_s = 0.0
         try:
+            self.stopper.__enter__()
             while self.step < end:
                 lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
                 loss, grad_norm, finite = self.train_step(lr)
@@ -291,7 +304,10 @@ class Trainer:
                     self.save(best=new_best, write_step=save_step, final=self.step == end)
                 if save_step or new_best or self.step % cfg.eval_interval == 0:
                     window_tokens, window_start = 0, time.perf_counter()   # tokens/s counts training only
+                if (self.stop_everywhere or (not self.dist.enabled and self.stopper.requested)) and self.step < end:
+                    self._stop(save_step, bar)
         finally:
+            self.stopper.__exit__()
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
