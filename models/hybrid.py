@@ -164,7 +164,8 @@ class HybridLanguageModel(MambaLanguageModel):
             else:
                 h, residual = layer(h, residual, ctx, state, kernels)
         if cache is not None:
-            self._reset_bookkeeping(cache, mask, l)
+            self._reset_bookkeeping(cache, mask, l) if self.has_attention else None
+            cache.seqlen_offset = l
         norm_f = self.backbone.norm_f
         hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, out_dtype=_compute_dtype(h, norm_f.weight),
                                  backend=kernels.norm)
@@ -177,7 +178,6 @@ class HybridLanguageModel(MambaLanguageModel):
         cache.kv_valid[:, :l] = True if mask is None else mask
         cache.positions.copy_(torch.full_like(cache.positions, l) if mask is None else mask.sum(dim=1))
         cache.index.fill_(l)
-        cache.seqlen_offset = l
 
     def step(self, token_ids, cache: HybridCache):
         if cache.capacity is not None and cache.seqlen_offset >= cache.capacity:
@@ -190,13 +190,15 @@ class HybridLanguageModel(MambaLanguageModel):
         torch.compile). token_ids (b,) -> logits (b, v); every tensor of the cache updated in place."""
         h = self.backbone.embeddings(token_ids)                                # (b, d)
         kernels = self.kernels_for(h.device)
-        kv_valid.index_fill_(1, index, True)
+        if self.has_attention:             # (a model without attention layers keeps no KV bookkeeping)
+            kv_valid.index_fill_(1, index, True)
         ctx = AttentionContext(rope=self._rope(positions[:, None]), kv_valid=kv_valid, index=index)
         residual = None
         for layer, state in zip(self.backbone.layers, states):
             h, residual = layer.step(h, residual, ctx, state, kernels)
-        index.add_(1)
-        positions.add_(1)
+        if self.has_attention:
+            index.add_(1)
+            positions.add_(1)
         norm_f = self.backbone.norm_f
         hidden, _ = add_rms_norm(h, residual, norm_f.weight, norm_f.eps, out_dtype=_compute_dtype(h, norm_f.weight),
                                  backend=kernels.norm)

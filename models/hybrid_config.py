@@ -144,10 +144,17 @@ class HybridConfig:
 
     def mamba1_config(self) -> MambaConfig:
         """The MambaConfig the M layers are built from (n_layer = the whole stack's, for the released init)."""
-        return MambaConfig(**{**self.mamba1, **self._shared()})
+        return MambaConfig.from_dict(self._sub("mamba1"))
 
     def mamba2_config(self) -> Mamba2Config:
-        return Mamba2Config(**{**self.mamba2, **self._shared()})
+        return Mamba2Config.from_dict(self._sub("mamba2"))
+
+    def _sub(self, name) -> dict:
+        own, shared = getattr(self, name), self._shared()
+        clash = sorted(set(own) & set(shared))
+        if clash:
+            raise ValueError(f"HybridConfig.{name} must not set {clash}: they are the whole model's fields")
+        return {**own, **shared}
 
     def shape_dict(self) -> dict:
         """The fields that decide the tensors' shapes (a checkpoint must agree on all of them)."""
