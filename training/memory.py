@@ -59,6 +59,9 @@ def estimate_peak_memory(n_params: int, d_model: int, d_inner: int, n_layer: int
 
 def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: int,
                  gradient_checkpointing: bool, precision: str, backend: str = "triton") -> MemoryEstimate:
+    if model_config.family == "hybrid":      # summed over the layer pattern, unmeasured (training/memory_hybrid.py)
+        return _estimate_hybrid(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
+                                backend)
     if model_config.family == "mamba2":      # derived from activation counts, unmeasured (training/memory_mamba2.py)
         return _estimate_mamba2(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision)
     return estimate_peak_memory(n_params, model_config.d_model, model_config.d_inner, model_config.n_layer,
@@ -72,6 +75,16 @@ def _estimate_mamba2(config, n_params, micro_batch_size, seq_len, gradient_check
     tokens = micro_batch_size * seq_len
     per_token = (config.n_layer * CKPT_BYTES_PER_D_MODEL * config.d_model + per_layer if gradient_checkpointing
                  else config.n_layer * per_layer)
+    states = STATE_BYTES_PER_PARAM * n_params
+    activations = tokens * per_token
+    logits = tokens * config.padded_vocab_size * LOGIT_BYTES
+    return MemoryEstimate(states, activations, logits, OVERHEAD * (states + activations + logits))
+
+
+def _estimate_hybrid(config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision, backend):
+    from .memory_hybrid import activation_bytes_per_token
+    tokens = micro_batch_size * seq_len
+    per_token = activation_bytes_per_token(config, precision, seq_len, gradient_checkpointing, backend)
     states = STATE_BYTES_PER_PARAM * n_params
     activations = tokens * per_token
     logits = tokens * config.padded_vocab_size * LOGIT_BYTES
