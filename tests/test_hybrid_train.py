@@ -91,3 +91,17 @@ def test_memory_estimate_knows_attention_and_sequence_length():
     assert est(gpt, 2048, "bf16") == est(gpt, 8192, "bf16")          # flash: O(l) per sequence
     assert est(gpt, 8192, "fp32") > 2 * est(gpt, 2048, "fp32")       # the math kernel's (l, l) scores
     assert est(mamba, 2048, "bf16") == est(mamba, 8192, "bf16")
+
+
+def test_compare_quality_script_smoke(tmp_path):
+    """bench/compare_quality.py end to end at toy sizes: corpus, tokenizer, plan, every arm, report and plot."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare_quality as cq
+    rows = cq.check_counts(16384, log=lambda *a: None)          # the real arms: within 5% (it raises otherwise)
+    assert len(rows) == 6
+    assert cq.main(["all", "--smoke", "--out", str(tmp_path), "--steps", "2", "--evals", "1", "--corpus_mb",
+                    "0.3"]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert set(summary["arms"]) == set(cq.ARMS) and (tmp_path / "val_loss.png").is_file()
+    assert summary["corpus"]["files_used"] > 0 and summary["plan"]["steps"] == 2
+    assert all(r["final_val_loss"] > 0 and r["tokens"] == 2 * 4 * 64 for r in summary["arms"].values())
