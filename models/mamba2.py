@@ -175,8 +175,9 @@ class Mamba2Block(nn.Module):
         normed, residual = self._add_norm(h, residual, kernels.norm)
         return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
 
-    def step(self, h, residual, conv_state, ssm_state):
-        """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
+    def step(self, h, residual, conv_state, ssm_state, kernels=None):
+        """h, residual: (b, d) -> (mixer output, residual), both (b, d). `kernels` (what MambaLanguageModel's
+        step_states hands every block) is unused: the Mamba-2 step runs on PyTorch ops."""
         normed, residual = self._add_norm(h, residual, "torch")
         return self.mixer.step(normed, conv_state, ssm_state), residual
 
