@@ -196,3 +196,15 @@ def test_eager_decoder_on_hybrid_patterns():
         assert torch.equal(again, want)
         with pytest.raises(ValueError, match="KV cache holds 16 tokens"):
             decoder.decode(ids, 20, SamplingParams(temperature=0), attention_mask=mask)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 61, (2, 10))
+    grads = []
+    for gc in (False, True):
+        model = tiny("MAT2")
+        model.set_gradient_checkpointing(gc)
+        model.train()(x, targets=x)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
