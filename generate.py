@@ -28,6 +28,7 @@ from training.checkpoint import find_latest_checkpoint, load_model_and_tokenizer
 from utils.errors import DataError
 
 DEFAULT_CHECKPOINTS = "checkpoints"
+LENGTH_STEP = 256          # KV caches (models with attention layers) are allocated in steps of this many tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -184,10 +185,15 @@ class Session:
         self.rng = torch.Generator(device=device).manual_seed(seed)
         self.decoders: dict[int, Decoder] = {}
 
-    def decoder(self, batch_size: int) -> Decoder:
-        if batch_size not in self.decoders:
+    def decoder(self, batch_size: int, length: int) -> Decoder:
+        """A decoder for `batch_size` sequences of up to `length` tokens (prompt + new; the KV cache of attention
+        layers is allocated for it, rounded up to LENGTH_STEP so that later prompts can reuse it)."""
+        held = self.decoders.get(batch_size)
+        if held is None or held.max_length < length:
             self.decoders.clear()   # one captured graph at a time: each holds its own memory pool
-            self.decoders[batch_size] = Decoder(self.model, batch_size, compile=self.args.compile)
+            max_length = -(-length // LENGTH_STEP) * LENGTH_STEP
+            self.decoders[batch_size] = Decoder(self.model, batch_size, compile=self.args.compile,
+                                                max_length=max_length)
         return self.decoders[batch_size]
 
     def run(self, prompts: list[str], out=None) -> None:
@@ -197,7 +203,7 @@ class Session:
         batch = [p for p in ids for _ in range(n)]
         rows = [p for p in prompts for _ in range(n)]
         stream = self.args.stream and len(batch) == 1
-        decoder = self.decoder(len(batch))
+        decoder = self.decoder(len(batch), max(map(len, batch)) + self.args.max_new_tokens)
         if stream:
             out.write(rows[0])
             out.flush()

@@ -36,7 +36,10 @@ def model_config(size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, family: str = 
                  **overrides) -> MambaConfig:
     """The config of preset `size` of `family` ("mamba1": MambaConfig, "mamba2": Mamba2Config), with `vocab_size`
     and any field of that config in `overrides`."""
-    sizes = MODEL_SIZES_BY_FAMILY[check_family(family)]
+    if check_family(family) == "hybrid":          # widths and named layer patterns: configs/hybrid.py
+        from .hybrid import hybrid_config
+        return hybrid_config(size, vocab_size, **overrides)
+    sizes = MODEL_SIZES_BY_FAMILY[family]
     if size not in sizes:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(sizes)}")
     return config_class(family)(**{**sizes[size], "vocab_size": vocab_size, **overrides})
@@ -72,7 +75,25 @@ def table_mamba2(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
     return "\n".join(lines)
 
 
+def table_hybrid(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+    """The hybrid presets (size x named pattern) as a Markdown table: layers, total and non-embedding counts."""
+    from .hybrid import HYBRID_SIZES, PATTERNS
+    lines = [f"| --family hybrid --model_size / --pattern | layers | parameters (vocab {vocab_size}) | "
+             f"non-embedding |", "|---|---|---:|---:|"]
+    for size in HYBRID_SIZES:
+        for name in PATTERNS:
+            cfg = model_config(size, vocab_size, family="hybrid", pattern=name)
+            n = count_parameters(cfg)
+            emb = cfg.padded_vocab_size * cfg.d_model
+            shown = cfg.pattern if len(cfg.pattern) <= 24 else cfg.pattern[:21] + "..."
+            lines.append(f"| {size} / {name} | `{shown}` ({cfg.n_layer}) | {n:,} ({n / 1e6:.1f}M) | "
+                         f"{n - emb:,} ({(n - emb) / 1e6:.1f}M) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
     print()
     print(table_mamba2())
+    print()
+    print(table_hybrid())

@@ -122,4 +122,10 @@ MAMBA2_VRAM_PRESETS = {
         "large":  _layout(16, 2048, True),
     },
 }
-VRAM_PRESETS_BY_FAMILY = {"mamba1": VRAM_PRESETS, "mamba2": MAMBA2_VRAM_PRESETS}
+# Hybrids and the transformer (--family hybrid, any pattern), same tokens per step. NOT measured: each entry is the
+# largest micro-batch (up to 16; 64 for tiny) without checkpointing; at start-up training/memory_hybrid.py's
+# estimate for the actual pattern then turns on checkpointing and halves the micro-batch until the step fits.
+HYBRID_VRAM_PRESETS = {vram: {"tiny": _layout(64 if vram == "48gb" else 32, 2048, False),
+                              **{size: _layout(16, 2048, False) for size in ("small", "medium", "large")}}
+                       for vram in VRAM_CHOICES}
+VRAM_PRESETS_BY_FAMILY = {"mamba1": VRAM_PRESETS, "mamba2": MAMBA2_VRAM_PRESETS, "hybrid": HYBRID_VRAM_PRESETS}

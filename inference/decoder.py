@@ -47,10 +47,12 @@ class Decoder:
         batch_size: sequences per batch (the CUDA graph is captured for this size)
         cuda_graph: capture the step in a CUDA graph; None = yes on CUDA, no elsewhere
         compile: torch.compile the step first (fuses elementwise ops; compiling takes a while on first use)
+        max_length: prompt + new tokens the decoder can hold; only models with attention layers (a KV cache,
+            pre-allocated to this many slots) have such a limit, a pure Mamba model's state does not grow
     """
 
     def __init__(self, model: MambaLanguageModel, batch_size: int, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, max_length: int = 2048):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.model = model
@@ -61,7 +63,8 @@ class Decoder:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
         self.cuda_graph = cuda_graph
-        self.cache = model.init_cache(batch_size)
+        self.max_length = max_length
+        self.cache = model.init_decode_cache(batch_size, max_length)
         self._step_fn = model.step_states
         if compile:
             self._step_fn = torch.compile(model.step_states, fullgraph=True, dynamic=False)
@@ -80,11 +83,11 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._step_fn(self._tokens, self.cache.conv_states, self.cache.ssm_states)
+                self._step_fn(self._tokens, *self.cache.step_args())
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = self._step_fn(self._tokens, self.cache.conv_states, self.cache.ssm_states)
+            self._logits = self._step_fn(self._tokens, *self.cache.step_args())
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,7 +116,7 @@ class Decoder:
             self._graph.replay()
             logits = self._logits
         else:
-            logits = self._step_fn(token_ids, self.cache.conv_states, self.cache.ssm_states)
+            logits = self._step_fn(token_ids, *self.cache.step_args())
         self.cache.seqlen_offset += 1
         return logits
 
@@ -142,6 +145,11 @@ class Decoder:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        capacity = self.cache.capacity
+        if capacity is not None and input_ids.shape[1] + max_new_tokens - 1 > capacity:
+            raise ValueError(f"this decoder's KV cache holds {capacity} tokens; a prompt of {input_ids.shape[1]} "
+                             f"plus {max_new_tokens} new tokens needs {input_ids.shape[1] + max_new_tokens - 1}: "
+                             f"build the Decoder with a larger max_length")
         vocab = self.model.config.vocab_size
         b = input_ids.shape[0]
         logits = self.prefill(input_ids, attention_mask)

@@ -84,6 +84,15 @@ class MambaCache:
     def batch_size(self) -> int:
         return self.ssm_states[0].shape[0]
 
+    @property
+    def capacity(self) -> int | None:
+        """Tokens the cache can hold: no limit for a recurrent state (a KV cache has one: models/hybrid.py)."""
+        return None
+
+    def step_args(self) -> tuple:
+        """The bare tensors model.step_states takes after the tokens (what a CUDA graph captures)."""
+        return self.conv_states, self.ssm_states
+
 
 class SelectiveSSM(nn.Module):
     """The Mamba mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan (D skip, SiLU(z) gate) -> out_proj."""
@@ -226,7 +235,7 @@ class MambaLanguageModel(nn.Module):
         self.config = config
         self.backbone = nn.ModuleDict(dict(
             embeddings=nn.Embedding(config.padded_vocab_size, config.d_model),
-            layers=nn.ModuleList([self.block_class(config) for _ in range(config.n_layer)]),
+            layers=nn.ModuleList(self._build_layers(config)),
             norm_f=RMSNorm(config.d_model, eps=config.norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
@@ -235,6 +244,10 @@ class MambaLanguageModel(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
         self.gradient_checkpointing = False
         self._kernels = None        # (device type, KernelChoice), resolved on first use
+
+    def _build_layers(self, config) -> list[nn.Module]:
+        """The blocks, first to last (models/hybrid.py builds them from its layer pattern instead)."""
+        return [self.block_class(config) for _ in range(config.n_layer)]
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -277,6 +290,11 @@ class MambaLanguageModel(nn.Module):
             ssm_states=[torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32)
                         for _ in range(cfg.n_layer)],
         )
+
+    def init_decode_cache(self, batch_size: int, max_length: int, device=None):
+        """The cache for decoding up to max_length tokens in all (prompt included). A recurrent state does not grow
+        with the length, so this is init_cache; models with a KV cache pre-allocate max_length slots."""
+        return self.init_cache(batch_size, device=device)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -359,7 +377,7 @@ class MambaLanguageModel(nn.Module):
         if token_ids.dim() != 1 or token_ids.shape[0] != cache.batch_size:
             raise ValueError(f"step() takes one token per sequence, shape ({cache.batch_size},); "
                              f"got {tuple(token_ids.shape)}")
-        logits = self.step_states(token_ids, cache.conv_states, cache.ssm_states)
+        logits = self.step_states(token_ids, *cache.step_args())
         cache.seqlen_offset += 1
         return logits
 
@@ -404,7 +422,8 @@ class MambaLanguageModel(nn.Module):
         """
         self._check_generate_args(input_ids, max_new_tokens)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)   # checks the values
-        cache = self.init_cache(input_ids.shape[0], device=input_ids.device)
+        cache = self.init_decode_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
+                                       device=input_ids.device)
         logits = self.prefill(input_ids, cache, attention_mask)              # (b, v)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = [input_ids]

@@ -8,10 +8,13 @@ from __future__ import annotations
 from .config import Mamba2Config, MambaConfig
 from .mamba import MambaLanguageModel
 from .mamba2 import Mamba2LanguageModel
+from .hybrid import HybridLanguageModel
+from .hybrid_config import HybridConfig
 
 FAMILIES = {
     "mamba1": (MambaConfig, MambaLanguageModel),      # Gu & Dao 2023, models/mamba.py
     "mamba2": (Mamba2Config, Mamba2LanguageModel),    # Dao & Gu 2024 (SSD), models/mamba2.py
+    "hybrid": (HybridConfig, HybridLanguageModel),    # any layer pattern of M / 2 / A / F / T, models/hybrid.py
 }
 DEFAULT_FAMILY = "mamba1"
 
@@ -39,4 +42,40 @@ def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=N
     """Load a checkpoint directory of any family (HF or mamba_ssm format); with `family`, only that one (another
     family is a ValueError naming both)."""
     from .hf_format import load_pretrained as load
+    from .native_format import load_native
+    config, fmt = read_config(path, scan_backend=scan_backend, family=family)
+    if fmt == "mamba-trainer":
+        return load_native(path, device=device, dtype=dtype, scan_backend=scan_backend, config=config)
     return load(path, device=device, dtype=dtype, scan_backend=scan_backend, family=family)
+
+
+def read_config(path, scan_backend="auto", family=None):
+    """(config, format) of a checkpoint directory: format "hf" / "mamba_ssm" (models/hf_format.py) or
+    "mamba-trainer" (models/native_format.py, the hybrid family). With `family`, another family is a ValueError
+    naming both."""
+    import json
+    from pathlib import Path
+
+    from . import hf_format
+    from .native_format import FORMAT, config_from_native, is_native
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist" if not path.exists()
+                                else f"{path} is a file; a model directory was expected")
+    file = path / hf_format.CONFIG_NAME
+    try:
+        header = json.loads(file.read_text()) if file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None                        # hf_format.read_config names the damage
+    if isinstance(header, dict) and is_native(header):
+        config = config_from_native(header, file, scan_backend)
+        if family is not None and config.family != family:
+            raise ValueError(f"{file}: a {config.family} checkpoint (pattern {config.pattern!r}), but family "
+                             f"{family!r} was asked for; use family {config.family!r} (train.py --family "
+                             f"{config.family}) or a {family} checkpoint")
+        return config, FORMAT
+    if family == "hybrid":
+        found, _ = hf_format.read_config(path, scan_backend)
+        raise ValueError(f"{file}: a {found.family} checkpoint (HF format), but family 'hybrid' was asked for; "
+                         f"use family {found.family!r} (train.py --family {found.family})")
+    return hf_format.read_config(path, scan_backend, family)

@@ -27,7 +27,7 @@ from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCAN_BACKENDS = ("auto", "ref", "chunked", "triton")
-FAMILIES = ("mamba1", "mamba2")            # models/registry.py
+FAMILIES = ("mamba1", "mamba2", "hybrid")  # models/registry.py
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- what to train
     family: str = "mamba1"                 # model family: mamba1 (Mamba, selective scan) or mamba2 (Mamba-2, SSD)
+    pattern: str | None = None             # --family hybrid: layer pattern, a preset (mamba mamba2 transformer alternating hybrid hybrid2; default hybrid) or symbols (M Mamba-1, 2 Mamba-2, A attention, F MLP, T attention+MLP)
     model_size: str | None = None          # tiny / small / medium / large (configs/model_sizes.py); None = per device
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
     training: str = "default"              # default / fast / careful (configs/training.py)
@@ -112,6 +113,8 @@ class TrainConfig:
         _check_choice("scan_backend", self.scan_backend, SCAN_BACKENDS)
         if self.model_size is not None:
             _check_choice("model_size", self.model_size, _model_sizes())
+        if self.pattern is not None:
+            _check_pattern(self.family, self.pattern)
         for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "eval_interval",
                     "eval_batches", "log_interval", "checkpoint_interval", "max_nonfinite_steps", "vocab_size"):
             if getattr(self, key) < 1:
@@ -173,6 +176,16 @@ class TrainConfig:
 def _model_sizes() -> tuple[str, ...]:
     from configs.model_sizes import MODEL_SIZES
     return tuple(MODEL_SIZES)
+
+
+def _check_pattern(family: str, pattern: str) -> None:
+    if family != "hybrid":
+        raise ConfigError(f"pattern {pattern!r} is for --family hybrid only (this run's family is {family!r})")
+    from configs.hybrid import resolve_pattern
+    try:
+        resolve_pattern(pattern, depth=24)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_choice(key: str, value, allowed) -> None:

@@ -96,7 +96,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     """Everything before the loop. Returns a ready Trainer (its run_dir, cfg, model set)."""
     from configs.model_sizes import model_config
     from models import build_model, load_pretrained
-    from models.hf_format import read_config
+    from models.registry import read_config
 
     # -- settings: a resumed run starts from its saved config
     resume_from = None
@@ -189,7 +189,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     # -- the model
     try:
         expected = model_config(cfg.model_size, vocab_size=tokenizer.vocab_size, family=cfg.family,
-                                scan_backend=cfg.scan_backend)
+                                scan_backend=cfg.scan_backend, **pattern_override(cfg))
         if weights_dir is not None:
             found, _ = read_config(weights_dir, scan_backend=cfg.scan_backend)
             if cfg.init_from and found.family == expected.family:
@@ -248,6 +248,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"model        {model.config.family} {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: "
         f"{n_params:,} parameters "
         f"(d_model {model.config.d_model}, "
+        + (f"pattern {model.config.pattern}, " if cfg.family == "hybrid" else "") +
         f"n_layer {model.config.n_layer}, vocab {model.config.vocab_size})"
         + (f"; {n_trainable:,} trainable" if n_trainable != n_params else ""),
         f"data         {data_line}",
@@ -262,6 +263,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
     ] + ([describe_passes(cfg, len(data.train_tokens), world)] if cfg.task == "lm" else [])))
     return trainer
+
+
+def pattern_override(cfg: TrainConfig) -> dict:
+    """The hybrid family's layer pattern (configs/hybrid.py), as model_config's keyword."""
+    return {"pattern": cfg.pattern} if cfg.family == "hybrid" else {}
 
 
 def plan_passes(cfg: TrainConfig, train_tokens: int, world: int, builtin: bool, steps_given: bool,

@@ -77,6 +77,9 @@ def _loss_bytes(tokens: int, vocab_padded: int, d_model: int) -> float:
 def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: int,
                  gradient_checkpointing: bool, precision: str, backend: str = "triton",
                  n_trainable: int | None = None) -> MemoryEstimate:
+    if model_config.family == "hybrid":      # summed over the layer pattern, unmeasured (training/memory_hybrid.py)
+        return _estimate_hybrid(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
+                                backend, n_trainable)
     if model_config.family == "mamba2":      # derived from activation counts, unmeasured (training/memory_mamba2.py)
         return _estimate_mamba2(model_config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
                                 n_trainable)
@@ -92,6 +95,18 @@ def _estimate_mamba2(config, n_params, micro_batch_size, seq_len, gradient_check
     tokens = micro_batch_size * seq_len
     per_token = (config.n_layer * CKPT_BYTES_PER_D_MODEL * config.d_model + per_layer if gradient_checkpointing
                  else config.n_layer * per_layer)
+    n_trainable = n_params if n_trainable is None else n_trainable
+    states = STATE_BYTES_PER_PARAM * n_trainable + FROZEN_BYTES_PER_PARAM * (n_params - n_trainable)
+    activations = tokens * per_token
+    logits = _loss_bytes(tokens, config.padded_vocab_size, config.d_model)
+    return MemoryEstimate(states, activations, logits, OVERHEAD * (states + activations + logits))
+
+
+def _estimate_hybrid(config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision, backend,
+                     n_trainable=None):
+    from .memory_hybrid import activation_bytes_per_token
+    tokens = micro_batch_size * seq_len
+    per_token = activation_bytes_per_token(config, precision, seq_len, gradient_checkpointing, backend)
     n_trainable = n_params if n_trainable is None else n_trainable
     states = STATE_BYTES_PER_PARAM * n_trainable + FROZEN_BYTES_PER_PARAM * (n_params - n_trainable)
     activations = tokens * per_token

@@ -1,0 +1,159 @@
+"""Causal self-attention (grouped-query, RoPE or NoPE) and the SwiGLU MLP, as layers of models/hybrid.py.
+
+Shape letters:
+    b: batch        l: sequence length        d: d_model          s: KV-cache slots (the generation's length)
+    h: query heads  g: key/value heads (h / g query heads share one, GQA)              e: head_dim
+    f: d_ff (SwiGLU hidden width)
+
+The math is Llama's: q, k, v = x Wq, x Wk, x Wv; RoPE rotates q and k by each token's position (the "rotate half"
+layout of HF transformers' Llama, so a Llama-shaped model needs no permutation to be saved as one);
+o = softmax(q k^T / sqrt(e) + causal mask) v through F.scaled_dot_product_attention (flash / memory-efficient
+kernels on GPUs, the math kernel on the CPU); out = o Wo. The MLP is SwiGLU: W2 (silu(x W1) * x W3). No biases.
+
+Positions and padding: a LEFT-padded batch (attention_mask 0 before the prompt) must give every row what it gets
+alone, so pads are masked out as keys and RoPE counts positions from each row's first real token. During decoding
+the KV cache holds s slots per layer, pre-allocated; AttentionContext.kv_valid marks the slots that hold real
+tokens (not pads, not yet written), so a step attends over all s slots with one static shape (CUDA graphs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .hybrid_config import HybridConfig
+
+
+@dataclass
+class AttentionContext:
+    """What attention layers need besides their input, built once per forward or step by the language model.
+
+    mask:     (b, l) bool, False at left padding; None = no padding (forward only)
+    rope:     (cos, sin), each (b, l, e) (forward) or (b, 1, e) (step) in fp32; None = NoPE or no attention layer
+    kv_valid: (b, s) bool, the cache slots a step may attend to (step only)
+    index:    (1,) long, the cache slot the step writes (step only)
+    """
+    mask: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv_valid: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+
+# ---- rotary position embeddings -------------------------------------------------------------------------------------
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles. positions (b, l) long -> (cos, sin), each (b, l, e) fp32.
+    Frequencies theta^(-2i/e) for i < e/2, repeated for the two halves (HF Llama's layout)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq                         # (b, l, e/2)
+    angles = torch.cat([angles, angles], dim=-1)                              # (b, l, e)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (b, l, heads, e) by (cos, sin) (b, l, e); computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)                                    # rotate_half
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
+
+
+def positions_from_mask(mask: torch.Tensor | None, b: int, l: int, device) -> torch.Tensor:
+    """(b, l) long positions counted from each row's first real token (0 at and before it)."""
+    if mask is None:
+        return torch.arange(l, device=device).expand(b, l)
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+# ---- the mixers -----------------------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query causal self-attention with an optional rotary embedding; Llama's parameter names."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.resolved_head_dim
+        d, h, g, e = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(d, h * e, bias=False)
+        self.k_proj = nn.Linear(d, g * e, bias=False)
+        self.v_proj = nn.Linear(d, g * e, bias=False)
+        self.o_proj = nn.Linear(h * e, d, bias=False)
+        self.reset_parameters(config)
+
+    @torch.no_grad()
+    def reset_parameters(self, config: HybridConfig):
+        """GPT-2/Llama: N(0, init_std); the output projection (a residual branch) scaled by 1/sqrt(branches)."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(linear.weight, std=config.init_std)
+        nn.init.normal_(self.o_proj.weight, std=config.init_std / math.sqrt(config.n_residual_branches))
+
+    def _qkv(self, x, rope):
+        """x (b, l, d) -> q (b, h, l, e), k and v (b, g, l, e), RoPE applied."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, ctx: AttentionContext, kv_cache=None):
+        """Args:
+            x: (b, l, d)
+            ctx: AttentionContext (mask, rope)
+            kv_cache: (k (b, g, s, e), v (b, g, s, e)) to fill with this prompt's keys and values, or None
+        Returns:
+            (b, l, d)
+        """
+        b, l, _ = x.shape
+        q, k, v = self._qkv(x, ctx.rope)                                      # (b, h|g, l, e)
+        if kv_cache is not None:
+            if kv_cache[0].shape[2] < l:
+                raise ValueError(f"the KV cache has {kv_cache[0].shape[2]} slots, the prompt {l} tokens")
+            kv_cache[0][:, :, :l] = k
+            kv_cache[1][:, :, :l] = v
+        gqa = self.n_kv_heads != self.n_heads
+        if ctx.mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)   # (b, h, l, e)
+        else:
+            # pads are never keys; a pad query attends to itself only (its output is never used, but stays finite)
+            causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
+            allowed = causal & ctx.mask[:, None, :]                           # (b, l, l)
+            allowed |= torch.eye(l, dtype=torch.bool, device=x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, -1))               # (b, l, d)
+
+    def step(self, x, ctx: AttentionContext, kv_cache):
+        """One token. x (b, d); kv_cache written at slot ctx.index; attends over the slots in ctx.kv_valid
+        (which already includes ctx.index). Returns (b, d)."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x[:, None], ctx.rope)                             # (b, h|g, 1, e)
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(2, ctx.index, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, ctx.index, v.to(v_cache.dtype))
+        o = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                           attn_mask=ctx.kv_valid[:, None, None, :],
+                                           enable_gqa=self.n_kv_heads != self.n_heads)   # (b, h, 1, e)
+        return self.o_proj(o.reshape(b, -1))                                 # (b, d)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama's names)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        d, f = config.d_model, config.resolved_d_ff
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        with torch.no_grad():
+            nn.init.normal_(self.gate_proj.weight, std=config.init_std)
+            nn.init.normal_(self.up_proj.weight, std=config.init_std)
+            nn.init.normal_(self.down_proj.weight, std=config.init_std / math.sqrt(config.n_residual_branches))
+
+    def forward(self, x):
+        """(..., d) -> (..., d)"""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
