@@ -261,7 +261,8 @@ def chat(gen: Session, system: str | None = None) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        texts, _ = generate_text(gen.decoder(1), tok, [ids], args.max_new_tokens, gen.params, gen.rng,
+        decoder = gen.decoder(1, len(ids) + args.max_new_tokens)      # the conversation so far + the answer
+        texts, _ = generate_text(decoder, tok, [ids], args.max_new_tokens, gen.params, gen.rng,
                                  [END_TOKEN, *args.stop], on_text=on_text if args.stream else None)
         sys.stdout.write("\n" if args.stream else texts[0] + "\n")
         sys.stdout.flush()
