@@ -90,7 +90,7 @@ def _scan_fwd_kernel(
     SAVE_SEGS: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -187,7 +187,7 @@ def _scan_bwd_carry_kernel(
         r_out = sum_t (prod_{s<=j<=t} dA_j) q_t  +  (prod_{s<=j<e} dA_j) r_in  =  loc + exp(A * sum(delta)) r_in.
     The products are exp(A * cumulative delta): one exp per element and no recurrence, so this pass needs no
     states. Writes loc (b, parts, d, n) and sum(delta) (b, parts, d). Part 0 hands nothing on and is skipped."""
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
     part = tl.program_id(2) + 1
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -270,7 +270,7 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
     part = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
