@@ -16,20 +16,40 @@ lanes at d_state 16, see _config). The next chunk's loads are issued before this
 every step exists only in registers. Softplus, the D skip and the z gate happen in the same pass; y is the only
 (b, d, l) tensor written.
 
+Layout. Every (b, d, l) and (b, n, l) operand is addressed through its own three strides, and y and the input
+gradients are allocated in their input's stride order. The model passes transposed views of its token-major
+(b, l, ·) activations (z and B, C are column slices of wider rows), so nothing is copied on either side; Triton
+specialises a stride of 1, so whichever axis is contiguous gets the vectorised loads.
+
 Backward. The forward (when a gradient is needed) also writes the state at the start of every segment of
-SEG_CHUNKS chunks, (b, segments, d, n) fp32. The backward walks the segments in reverse. For each it first runs the
-forward through the segment from that state, keeping each chunk's first state in a small per-program scratch buffer
-(it stays in L2); then it walks the segment's chunks in reverse: recomputes the chunk's states with the same scan and
-runs the adjoint recurrence
+SEG_CHUNKS chunks, (b, segments, d, n) fp32. The adjoint recurrence runs backwards in time,
 
-    g_t = dA_{t+1} * g_{t+1} + C_t * dy'_t          (dy' = dy * silu(z), the gradient of <h_t, C_t>)
+    g_t = C_t * dy'_t + dA_{t+1} * g_{t+1}          (dy' = dy * silu(z), the gradient of <h_t, C_t>)
 
-as a reverse associative scan. Its coefficient belongs to the *next* step, and register tiles cannot be shifted by
-one along time, so each element carries its own decay as a third component (see `_adjoint_combine`). Every
-gradient then comes from g_t and h_t at the same step (g_t * dA_t * h_{t-1} = g_t * (h_t - delta_t B_t u_t)).
+and a single program walking the whole sequence leaves the GPU mostly idle (b * d / 8 one-warp programs). So the
+sequence is cut into parts of whole segments, enough for about TARGET_PROGRAMS programs, which run in parallel:
+
+1. `_scan_bwd_carry_kernel`: what each part hands to the part before it, as an affine map of what it receives. With
+   r the gradient flowing into h_{t-1} through step t, walking [s, e) backwards gives r <- dA_t (q_t + r), so
+
+       r_out = sum_t exp(A * sum_{s<=j<=t} delta_j) * q_t  +  exp(A * sum_{s<=j<e} delta_j) * r_in
+
+   one exp per element, no recurrence and no states: it reads delta, z, dy and C only.
+2. `_scan_bwd_kernel`: each part starts from dlast pushed through the later parts' maps, then walks its segments in
+   reverse. For each it first runs the forward through the segment from the saved state, keeping each chunk's first
+   state in a small per-program scratch buffer (it stays in L2); then it walks the segment's chunks in reverse,
+   recomputes the chunk's states with the same scan, and runs the adjoint as a two-component reverse associative
+   scan whose coefficient for step t is dA_{t+1}, made from a second load of delta shifted by one step (register
+   tiles cannot be shifted along time). Every gradient then comes from g_t and h_t at the same step
+   (g_t * dA_t * h_{t-1} = g_t * (h_t - delta_t B_t u_t)).
+
 dB and dC are summed over the program's channels in registers and written as one fp32 partial per channel block
-(8 channels at d_state 16; a transient (d/8, b, n, l) buffer each), which the launcher sums; dA, dD and d(delta_bias) are summed over the program's steps
-and added across batch elements with fp32 atomics. No per-channel copy of B or C and no L*n tensor is ever written.
+(8 channels at d_state 16; a transient (d/8, b, n, l) buffer each), which the launcher sums; dA, dD and d(delta_bias)
+are summed over the program's steps and added across programs with fp32 atomics. No per-channel copy of B or C and no
+L*n tensor is ever written.
+
+Written without a GPU (2026-12-01): correct under the interpreter and compiled for sm_90, but not yet timed against
+the previous one-part backward (bench/scan_sweep.py does that, TARGET_PROGRAMS=1 being the old schedule).
 """
 from __future__ import annotations
 
