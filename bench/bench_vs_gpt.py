@@ -2,6 +2,7 @@
 
     python bench/bench_vs_gpt.py                              # mamba-130m's shape, 8 x 2048 and 2 x 8192, bf16
     python bench/bench_vs_gpt.py --compile                    # both models under torch.compile as well
+    python bench/bench_vs_gpt.py --family mamba2 --shapes 8x2048   # mamba2-130m's shape (issue 12)
     python bench/bench_vs_gpt.py --device cpu --tiny          # a smoke test of this script on the CPU
 
 The same step for both: fp32 weights, bf16 autocast (CUDA), fused AdamW (CUDA), an fp32 loss, one optimizer step per
@@ -26,8 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from configs.model_sizes import model_config  # noqa: E402
 from gpt_baseline import GPT, GPTConfig  # noqa: E402
-from models import MambaConfig, MambaLanguageModel  # noqa: E402
+from models import build_model  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -65,12 +67,14 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny models (a smoke test of this script)")
+    p.add_argument("--family", default="mamba1", choices=["mamba1", "mamba2"],
+                   help="ours: the medium preset of this family (mamba-130m's or mamba2-130m's shape)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_vs_gpt.py: no CUDA GPU here (use --device cpu --tiny for a smoke test)")
     vocab = 512 if args.tiny else 50280
-    mamba_cfg = MambaConfig(d_model=64 if args.tiny else 768, n_layer=2 if args.tiny else 24, vocab_size=vocab)
+    mamba_cfg = model_config("tiny" if args.tiny else "medium", vocab, family=args.family)
     gpt_cfg = GPTConfig(vocab_size=vocab, n_layer=2 if args.tiny else 12, n_head=4 if args.tiny else 12,
                         n_embd=64 if args.tiny else 768)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -79,7 +83,7 @@ def main():
     for compiled in ([False, True] if args.compile else [False]):
         torch.manual_seed(0)
         base = allocated(device)
-        mamba = MambaLanguageModel(mamba_cfg).to(device).train()
+        mamba = build_model(mamba_cfg).to(device).train()
         mamba_step = make_step(mamba, lambda x, y: mamba(x, targets=y, return_logits=False)[1], device, compiled)
         gpt = GPT(gpt_cfg).to(device).train()
         gpt_step = make_step(gpt, gpt, device, compiled)
