@@ -24,7 +24,7 @@ The dot operands are in x's dtype (bf16 on tensor cores for bf16 inputs) with fp
 the dots run in full fp32 ("ieee"), not tf32.
 
 Backward: NOT hand-written. The custom op's backward recomputes the forward through kernels/ssd_chunked.py's
-PyTorch chunked scan and takes autograd's vector-Jacobian product of it (torch.autograd.grad), so every gradient
+PyTorch chunked scan and takes autograd's vector-Jacobian product of it (torch.func.vjp), so every gradient
 (x, dt, A, B, C, D, z, dt_bias, initial states) is that of the same equations, exactly, at the chunked path's cost:
 "triton" is the fast path of the forward (inference, prefill, the forward half of training); its backward costs a
 chunked forward plus a chunked backward. Hand-written backward kernels are issue 12's next step.
@@ -56,6 +56,19 @@ MAX_DSTATE = 256
 def _softplus(x):
     # log(1 + e^x) with torch's threshold: above 20 the result is x to fp32 precision.
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _dot(a, b, dot_t: tl.constexpr, PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr):
+    """tl.dot of a and b rounded to dot_t (x's dtype), fp32 accumulation.
+
+    BF16_ROUNDTRIP (the interpreter only): Triton 3.6's interpreter multiplies bf16 operands as their raw uint16 bits,
+    so there the operands are rounded to bf16 and multiplied in fp32, the same values a bf16 tensor-core dot sees."""
+    a = a.to(dot_t)
+    b = b.to(dot_t)
+    if BF16_ROUNDTRIP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -101,7 +114,7 @@ def _chunk_state_kernel(
     x_ptr, B_ptr, dt_ptr, acum_ptr, states_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_pn = tl.program_id(0)
@@ -133,8 +146,7 @@ def _chunk_state_kernel(
         dt = tl.load(dt_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         acum = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         scale = tl.exp(tl.where(mask_k, acum_end - acum, float("-inf"))) * dt                 # (BK,)
-        xs = (xT.to(tl.float32) * scale[None, :]).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(xs, Bk.to(x_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
+        acc += _dot(xT.to(tl.float32) * scale[None, :], Bk, x_ptr.dtype.element_ty, DOT_PRECISION, BF16_ROUNDTRIP)
         k += BLOCK_K
 
     # (b, c, h, p, n) fp32
@@ -176,7 +188,8 @@ def _chunk_scan_kernel(
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
     s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_mp = tl.program_id(0)
@@ -200,13 +213,13 @@ def _chunk_scan_kernel(
     acum_m = tl.load(acum_ptr + chunk_base + offs_m, mask=mask_m, other=0.0)
     C_base = C_ptr + pid_b * s_Cb + pid_g * s_Cg
     Cm = tl.load(C_base + offs_tm[:, None] * s_Cl + offs_n[None, :] * s_Cn,
-                 mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dot_t)            # (BM, BN)
+                 mask=mask_m[:, None] & mask_n[None, :], other=0.0)                     # (BM, BN)
 
     # state -> output: exp(acum_t) C_t H_c, H_c the state entering the chunk, (n, p) as read here
     H = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
                 + offs_p[None, :] * dstate + offs_n[:, None],
                 mask=mask_n[:, None] & mask_p[None, :], other=0.0)                       # (BN, BP) fp32
-    acc = tl.dot(Cm, H.to(dot_t), input_precision=DOT_PRECISION)
+    acc = _dot(Cm, H, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
     acc = acc * tl.exp(acum_m)[:, None]                                                   # (BM, BP)
 
     # within the chunk: sum over s <= t of (C_t . B_s) exp(acum_t - acum_s) dt_s x_s, blocks of BLOCK_K steps s
@@ -219,16 +232,16 @@ def _chunk_scan_kernel(
         offs_tk = pid_c * chunk_size + offs_k
         mask_k = (offs_k < chunk_size) & (offs_tk < seqlen)
         BT = tl.load(B_base + offs_tk[None, :] * s_Bl + offs_n[:, None] * s_Bn,
-                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dot_t)        # (BN, BK)
-        CB = tl.dot(Cm, BT, input_precision=DOT_PRECISION)                              # (BM, BK)
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)                  # (BN, BK)
+        CB = _dot(Cm, BT, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)                          # (BM, BK)
         acum_k = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         dt_k = tl.load(dt_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
-        causal = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
+        causal = (offs_m[:, None] >= offs_k[None, :]) & mask_m[:, None] & mask_k[None, :]
         decay = tl.exp(tl.where(causal, acum_m[:, None] - acum_k[None, :], float("-inf")))   # 0 above the diagonal
         W = CB * decay * dt_k[None, :]
         xk = tl.load(x_base + offs_tk[:, None] * s_xl + offs_p[None, :] * s_xp,
                      mask=mask_k[:, None] & mask_p[None, :], other=0.0)                  # (BK, BP)
-        acc += tl.dot(W.to(dot_t), xk.to(dot_t), input_precision=DOT_PRECISION)
+        acc += _dot(W, xk, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
         k += BLOCK_K
 
     mask_mp = mask_m[:, None] & mask_p[None, :]
@@ -267,6 +280,7 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
     cfg = _config(Q, headdim, dstate)
     f32 = dict(device=x.device, dtype=torch.float32)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"     # bf16/fp16 dots ignore it
+    roundtrip = triton_interpreting() and x.dtype == torch.bfloat16
 
     # 1. processed dt and the within-chunk cumulative decay, (b, h, c, Q)
     dt_out = torch.empty(batch, nheads, nchunks, Q, **f32)
@@ -286,7 +300,7 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
     _chunk_state_kernel[(n_blocks, nchunks, batch * nheads)](
         x, B, dt_out, acum, states,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups, *x.stride(), *B.stride(),
-        DOT_PRECISION=precision, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
     )
 
     # 3. the states entering each chunk (in place) and the final state
@@ -307,7 +321,7 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        DOT_PRECISION=precision, **cfg,
+        DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, **cfg,
     )
     return y, final
 
@@ -341,20 +355,23 @@ def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     """The gradients of (x, dt, A, B, C) and, where given, of D, z, dt_bias, initial_states (in that order):
     the forward recomputed by the chunked PyTorch scan, differentiated by autograd."""
     from .ssd_chunked import ssd_scan_chunked
-    inputs = [t.detach().requires_grad_() if t is not None else None
-              for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)]
-    with torch.enable_grad():
-        xx, dtt, AA, BB, CC, DD, zz, bias, h0 = inputs
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def chunked(*leaves):
+        args = list(inputs)
+        for i, t in zip(present, leaves):
+            args[i] = t
+        xx, dtt, AA, BB, CC, DD, zz, bias, h0 = args
         y, final = ssd_scan_chunked(xx, dtt, AA, BB, CC, D=DD, z=zz, dt_bias=bias, dt_softplus=dt_softplus,
                                     dt_limit=(dt_min, dt_max), initial_states=h0, return_final_states=True,
                                     chunk_size=chunk_size)
-        outputs, grads_out = [y], [dy]
-        if dfinal is not None:
-            outputs.append(final)
-            grads_out.append(dfinal)
-        leaves = [t for t in inputs if t is not None]
-        grads = torch.autograd.grad(outputs, leaves, grads_out, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+        return (y, final) if dfinal is not None else y
+
+    # torch.func.vjp, not torch.autograd.grad: a custom op's implementation runs below the autograd dispatch key,
+    # where autograd records nothing; functorch's transform brings its own.
+    _, vjp = torch.func.vjp(chunked, *(inputs[i] for i in present))
+    return list(vjp((dy, dfinal) if dfinal is not None else dy))
 
 
 @ssd_scan_bwd_op.register_fake
