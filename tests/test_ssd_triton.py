@@ -54,6 +54,18 @@ def test_interp_matches_ref_and_chunked(l, chunk, g, D_per_channel, dtype):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_several_blocks_per_chunk(dtype, monkeypatch):
+    """16-wide blocks in a chunk of 40 steps and a headdim of 20: several row, step and headdim blocks per chunk
+    (the GPU's 64-wide blocks in a chunk of 256), the diagonal blocks' step loop stopping at the row block."""
+    import kernels.triton_ssd as ks
+    for name in ("BLOCK_M", "BLOCK_K", "BLOCK_P"):
+        monkeypatch.setattr(ks, name, 16)
+    monkeypatch.setattr(ks, "STATE_BLOCK", 64)
+    check_against_ref_and_chunked(make_inputs(l=90, h=2, p=20, g=2, n=20, dtype=dtype), 40, dtype)
+
+
+@interp
 def test_interp_dt_limit():
     check_against_ref_and_chunked(make_inputs(l=11, g=2), 4, torch.float32, dt_limit=(0.3, 0.9))
 
