@@ -1,7 +1,14 @@
-"""SSD-scan backends side by side on the CPU: forward and forward+backward times, the speed-up, and the error.
+"""SSD-scan backends side by side: forward and forward+backward times, the speed-up, and the error.
 
     python bench/bench_ssd.py                                     # the issue's shape: 4 x 1024, 16 heads x 64, n 64
     python bench/bench_ssd.py --shapes 4x1024x16x64x64 --chunks 64,128,256 --repeat 3
+    python bench/bench_ssd.py --gpu                               # triton vs chunked on CUDA, bf16, chunk 256,
+                                                                  # at (8, 2048, 24 heads x 64, d_state 128)
+
+GPU mode (--gpu): the Triton backend against the chunked one at each shape, bf16 inputs, the model's call (dt_bias,
+softplus, D), timed with triton.testing.do_bench (median ms over its repeats); forward under no_grad, and
+forward+backward (the Triton backend's backward recomputes through the chunked scan, so expect the forward's gain
+and not more there). "max |y - chunked|" is relative to max |y_chunked|.
 
 Shapes are batch x L x nheads x headdim x d_state (ngroups 1). Every call is the Mamba-2 mixer's: dt_bias,
 softplus, D skip (no z: the model gates in its norm). Times are time.perf_counter medians after one warm-up call,
@@ -45,6 +52,31 @@ def run(inputs, backend, chunk, backward):
     return y.detach(), None
 
 
+def main_gpu(shapes, chunk):
+    from triton.testing import do_bench
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}")
+    print("| shape (b x L x h x p x n) | mode | chunked ms | triton ms | speed-up | max |y - chunked| |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for shape in shapes.split(","):
+        b, l, h, hp, n = (int(v) for v in shape.lower().split("x"))
+        inputs = [t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 else torch.float32).requires_grad_()
+                  for t in make_inputs(b, l, h, hp, n)]
+        for backward in (False, True):
+            ms, ys = {}, {}
+            for backend in ("chunked", "triton"):
+                if backward:
+                    ms[backend] = do_bench(lambda: run(inputs, backend, chunk, True))
+                else:
+                    with torch.no_grad():
+                        ms[backend] = do_bench(lambda: run(inputs, backend, chunk, False))
+                        ys[backend] = run(inputs, backend, chunk, False)[0].float()
+            err = "-" if backward else \
+                f"{((ys['triton'] - ys['chunked']).abs().max() / ys['chunked'].abs().max()).item():.1e}"
+            print(f"| {shape} | {'fwd+bwd' if backward else 'fwd'} | {ms['chunked']:.2f} | {ms['triton']:.2f} "
+                  f"| {ms['chunked'] / ms['triton']:.2f}x | {err} |", flush=True)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -57,7 +89,13 @@ def main(argv=None):
     p.add_argument("--chunks", default="64,128,256", help="chunk sizes of the chunked backend to time")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu", action="store_true", help="triton vs chunked on CUDA, bf16 (shapes default to "
+                   "8x2048x24x64x128, the first of --chunks as the chunk size, 256 by default)")
     args = p.parse_args(argv)
+    if args.gpu:
+        shapes = args.shapes if args.shapes != p.get_default("shapes") else "8x2048x24x64x128"
+        chunk = int(args.chunks.split(",")[0]) if args.chunks != p.get_default("chunks") else 256
+        return main_gpu(shapes, chunk)
     if args.threads:
         torch.set_num_threads(args.threads)
     chunks = [int(c) for c in args.chunks.split(",")]

@@ -14,8 +14,9 @@ the chunked form below run on matmuls.
 Backends, all with the signature of `ssd_scan`:
     "ref"      ssd_scan_ref here: the recurrence above, one step at a time (the spec; slow)
     "chunked"  kernels/ssd_chunked.py: the four-step chunked SSD algorithm in pure PyTorch (matmuls; CPU and GPU)
-    "triton"   fused Triton kernels: not written yet, so asking for them is an error that says so
-    "auto"     chunked on every device (on CUDA too, until Triton SSD kernels exist; the model logs this)
+    "triton"   kernels/triton_ssd.py: the same four steps as Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
+               the forward is fused, the backward recomputes through the chunked path's autograd (exact gradients)
+    "auto"     triton for CUDA tensors when Triton imports, chunked otherwise
 This module is the only place that decides which backend runs.
 
 `ssd_state_update` is the one-token step of decoding (PyTorch), the same equations at l = 1 on a state kept in fp32.
@@ -33,14 +34,8 @@ DEFAULT_CHUNK_SIZE = 256
 
 def resolve_ssd_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; an explicit one that cannot run is an error saying why."""
-    if backend not in SSD_BACKENDS:
-        raise ValueError(f"SSD backend {backend!r} is unknown; allowed: {', '.join(SSD_BACKENDS)}")
-    if backend == "auto":
-        return "chunked"
-    if backend == "triton":
-        raise RuntimeError("SSD backend 'triton' cannot run: the Triton SSD kernels are not written yet "
-                           "(kernels/triton_ssd.py). Use 'chunked' (matmul-based, fast on CPUs and GPUs) or 'auto'.")
-    return backend
+    from .backends import resolve
+    return resolve("SSD", backend, SSD_BACKENDS, device, pytorch_path="chunked")
 
 
 def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
@@ -94,6 +89,9 @@ def _skip_and_gate(y, xf, D, z):
 def _implementation(name: str):
     if name == "ref":
         return ssd_scan_ref
+    if name == "triton":
+        from .triton_ssd import ssd_scan_triton
+        return ssd_scan_triton
     from .ssd_chunked import ssd_scan_chunked
     return ssd_scan_chunked
 

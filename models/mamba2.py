@@ -208,8 +208,9 @@ class Mamba2LanguageModel(MambaLanguageModel):
                 logger.warning("%s Falling back to SSD backend %r.", err, name)
             choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
                                   norm=resolve_norm_backend("auto", device))
-            note = " (no Triton SSD kernels yet: the matmul-based chunked scan runs on CUDA too)" \
-                if device.type == "cuda" and name == "chunked" else ""
+            note = (" (Triton forward; its backward recomputes through the chunked scan)" if name == "triton"
+                    else " (the matmul-based chunked scan on CUDA)" if device.type == "cuda" and name == "chunked"
+                    else "")
             logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
                         "gated RMSNorm torch, LM loss chunked", device.type, choice.scan, requested, note,
                         choice.conv, choice.norm)

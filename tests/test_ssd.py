@@ -132,7 +132,8 @@ def test_segsum_is_the_sum_over_the_segment():
 
 def test_backend_choice_and_errors():
     assert resolve_ssd_backend("auto", "cpu") == "chunked" and set(SSD_BACKENDS) >= {"ref", "chunked", "triton"}
-    with pytest.raises(RuntimeError, match="not written yet.*chunked"):
+    assert resolve_ssd_backend("auto", "cuda") == "triton"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*'chunked'"):
         resolve_ssd_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown; allowed: auto, ref, chunked, triton"):
         resolve_ssd_backend("fast")
