@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.lora import lora_targets
-from configs.training import TASKS, TRAINING_PRESETS, default_training
+from configs.training import FINETUNE_PRESETS, TASKS, TRAINING_PRESETS, default_training
 from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRESETS_BY_FAMILY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -305,7 +305,8 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
     values = dict(TRAINING_PRESETS[training])
     if vram == "cpu":
         values.update(CPU_PRESET["layout"])
-        values.update(CPU_PRESET["schedule"])
+        if training not in FINETUNE_PRESETS:     # a fine-tuning recipe keeps its own small lr and schedule
+            values.update(CPU_PRESET["schedule"])
         values.update(CPU_PRESET["data"])
     else:
         presets = VRAM_PRESETS_BY_FAMILY[family][vram]
