@@ -44,7 +44,8 @@ def test_cpu_preset_keeps_a_finetuning_recipe():
         assert cfg.vram == "cpu" and cfg.training == preset
         assert cfg.lr == TRAINING_PRESETS[preset]["lr"] and cfg.max_steps == TRAINING_PRESETS[preset]["max_steps"]
         assert cfg.seq_len == CPU_PRESET["layout"]["seq_len"]      # the CPU layout still applies
-    assert resolve_config({"task": "sft", "data": "x.jsonl", "init_from": "b", "lr": 3e-3}, device_type="cpu").lr == 3e-3
+    given = {"task": "sft", "data": "x.jsonl", "init_from": "b", "lr": 3e-3}
+    assert resolve_config(given, device_type="cpu").lr == 3e-3
 
 
 def test_every_gpu_preset_keeps_tokens_per_step():

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # --- what to train
-    family: str = "mamba1"                 # model family: mamba1 (Mamba, selective scan) or mamba2 (Mamba-2, SSD)
+    family: str = "mamba1"                 # model family: mamba1 (Mamba-1), mamba2 (Mamba-2, SSD), hybrid (--pattern)
     pattern: str | None = None             # --family hybrid: layer pattern, a preset (mamba mamba2 transformer alternating hybrid hybrid2; default hybrid) or symbols (M Mamba-1, 2 Mamba-2, A attention, F MLP, T attention+MLP)
     model_size: str | None = None          # tiny / small / medium / large (configs/model_sizes.py); None = per device
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
