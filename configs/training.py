@@ -118,6 +118,11 @@ TASK_PRESETS = {("lm", False): "default", ("lm", True): "lora", ("sft", False): 
                 ("dpo", False): "dpo", ("dpo", True): "dpo_lora"}
 
 
+# The fine-tuning recipes: on the CPU their learning rate and schedule are kept (the CPU preset's lr 3e-3 is for a
+# tiny model trained from scratch, and would wreck a trained model in SFT or DPO).
+FINETUNE_PRESETS = frozenset(TASK_PRESETS.values()) - {"default"}
+
+
 def default_training(task: str, lora: bool) -> str:
     """The training preset for a task when none is given (an unknown task falls back to "default"; the config
     check then names it)."""

@@ -7,7 +7,8 @@ The figures are measured, not guessed: BENCHMARKS.md (section memory) has the pe
 steps for every entry, with each card's budget imposed by torch.cuda.set_per_process_memory_fraction.
 
 "cpu" is what "auto" picks on a machine without a GPU: a short demonstration run that finishes in minutes
-(it also sets the run length; a training preset's longer schedule is meant for a GPU). A model size given
+(it also sets the run length; a training preset's longer schedule is meant for a GPU; the fine-tuning presets
+keep their own rate and schedule). A model size given
 explicitly always wins; with none given the CPU trains "tiny".
 """
 

@@ -10,7 +10,7 @@ from .mamba import MambaLanguageModel
 
 
 @torch.no_grad()
-def resize_vocab(model: MambaLanguageModel, vocab_size: int) -> bool:
+def resize_vocab(model: MambaLanguageModel, vocab_size: int) -> bool:   # or any family's model
     """Make room for `vocab_size` token ids, keeping the padding rule (pad_vocab_size_multiple).
 
     Rows of the new ids (old vocab_size .. vocab_size - 1) are set to the mean of the old rows, deterministically:
@@ -40,6 +40,8 @@ def resize_vocab(model: MambaLanguageModel, vocab_size: int) -> bool:
         model.lm_head.weight = model.backbone.embeddings.weight
         model.lm_head.out_features = new.padded_vocab_size
     model.config = new
-    for layer in model.backbone.layers:
-        layer.mixer.config = new
+    for layer in model.backbone.layers:    # a hybrid's layers: mixers of their own config kind, MLPs have none
+        mixer = getattr(layer, "mixer", None)
+        if mixer is not None and dataclasses.is_dataclass(getattr(mixer, "config", None)):
+            mixer.config = dataclasses.replace(mixer.config, vocab_size=vocab_size)
     return True

@@ -260,3 +260,34 @@ def test_cli_sft_lora_then_chat(base, tmp_path):
     proc = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(base), "--chat"], input="hi\n",
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "no chat tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["mamba2", "hybrid"])
+def test_other_families_fine_tune_load_and_merge(base, tmp_path, family):
+    """Mamba-2 and hybrid bases: SFT with LoRA (the vocabulary grows on every layer kind), the adapter checkpoint
+    opens as base + adapter (generate.py's loader) and merges; full DPO builds its reference of the same family."""
+    from models import HybridConfig, Mamba2Config, build_model
+    from training.merge_lora import merge_to
+    tok = Tokenizer.load(base)
+    torch.manual_seed(0)
+    config = (Mamba2Config(d_model=32, n_layer=2, vocab_size=tok.vocab_size, headdim=16, d_state=8)
+              if family == "mamba2" else
+              HybridConfig(d_model=32, n_layer=3, vocab_size=tok.vocab_size, pattern="MAF", n_heads=4, n_kv_heads=2))
+    fbase = tmp_path / "base"
+    build_model(config).save_pretrained(fbase, eos_token_id=tok.eot_id)
+    tok.save(fbase)
+    data = chat_file(tmp_path)
+    out = tmp_path / "lora"
+    assert main(sft_args(fbase, data, out, "--family", family, "--lora", "all", "--max_steps", "2")) == 0
+    model, tok2, _ = ck.load_model_and_tokenizer(out)
+    assert model.config.family == family and model.config.vocab_size == tok2.vocab_size > tok.vocab_size
+    merge_to(out, tmp_path / "merged")
+    merged, _, _ = ck.load_model_and_tokenizer(tmp_path / "merged")
+    x = torch.tensor([encode_chat(tok2, CHATS[0], add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(x)[0], model.eval()(x)[0], atol=1e-5, rtol=1e-5)
+    prefs = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "hello", "chosen": "hi there", "rejected": "go away"},
+                                                   {"prompt": "how are you", "chosen": "fine", "rejected": "bad"}] * 2)
+    args = sft_args(fbase, prefs, tmp_path / "dpo", "--family", family, "--max_steps", "1")
+    args[args.index("sft")] = "dpo"
+    assert main(args) == 0

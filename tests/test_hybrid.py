@@ -208,3 +208,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_vocab_grows_on_every_layer_kind():
+    # SFT adds the chat tokens: resize_vocab must handle layers without a mixer (F) and mixers of other configs
+    from models.vocab import resize_vocab
+    model = tiny("MAF2T").eval()
+    x = torch.randint(0, 61, (1, 9))
+    before = model(x)[0]
+    assert resize_vocab(model, 70)
+    assert model.config.vocab_size == 70 and model.config.padded_vocab_size == 80
+    assert model.backbone.layers[0].mixer.config.d_inner == 64          # a Mamba-1 mixer keeps its own config
+    after = model(x)[0]
+    assert after.shape[-1] == 80
+    torch.testing.assert_close(after[..., :61], before[..., :61])

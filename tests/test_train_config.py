@@ -35,6 +35,19 @@ def test_presets_combine_and_overrides_win(tmp_path):
     assert again.seq_len == 128 and again.max_steps == 9 and again.vram == "8gb"
 
 
+def test_cpu_preset_keeps_a_finetuning_recipe():
+    # the CPU preset's lr 3e-3 is for a tiny model from scratch; SFT / DPO / LoRA keep their presets' small rates
+    for task, lora, preset in (("sft", None, "sft"), ("sft", "minimal", "lora"), ("dpo", None, "dpo"),
+                               ("dpo", "all", "dpo_lora"), ("lm", "minimal", "lora")):
+        given = {"task": task, "lora": lora, "init_from": "base", **({"data": "x.jsonl"} if task != "lm" else {})}
+        cfg = resolve_config(given, device_type="cpu")
+        assert cfg.vram == "cpu" and cfg.training == preset
+        assert cfg.lr == TRAINING_PRESETS[preset]["lr"] and cfg.max_steps == TRAINING_PRESETS[preset]["max_steps"]
+        assert cfg.seq_len == CPU_PRESET["layout"]["seq_len"]      # the CPU layout still applies
+    given = {"task": "sft", "data": "x.jsonl", "init_from": "b", "lr": 3e-3}
+    assert resolve_config(given, device_type="cpu").lr == 3e-3
+
+
 def test_every_gpu_preset_keeps_tokens_per_step():
     from configs.model_sizes import MODEL_SIZES
     for vram in VRAM_CHOICES:

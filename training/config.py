@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.lora import lora_targets
-from configs.training import TASKS, TRAINING_PRESETS, default_training
+from configs.training import FINETUNE_PRESETS, TASKS, TRAINING_PRESETS, default_training
 from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRESETS_BY_FAMILY
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # --- what to train
-    family: str = "mamba1"                 # model family: mamba1 (Mamba, selective scan) or mamba2 (Mamba-2, SSD)
+    family: str = "mamba1"                 # model family: mamba1 (Mamba-1), mamba2 (Mamba-2, SSD), hybrid (--pattern)
     pattern: str | None = None             # --family hybrid: layer pattern, a preset (mamba mamba2 transformer alternating hybrid hybrid2; default hybrid) or symbols (M Mamba-1, 2 Mamba-2, A attention, F MLP, T attention+MLP)
     model_size: str | None = None          # tiny / small / medium / large (configs/model_sizes.py); None = per device
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
@@ -305,7 +305,8 @@ def resolve_config(overrides: dict, config_file: str | None = None, *, device_ty
     values = dict(TRAINING_PRESETS[training])
     if vram == "cpu":
         values.update(CPU_PRESET["layout"])
-        values.update(CPU_PRESET["schedule"])
+        if training not in FINETUNE_PRESETS:     # a fine-tuning recipe keeps its own small lr and schedule
+            values.update(CPU_PRESET["schedule"])
         values.update(CPU_PRESET["data"])
     else:
         presets = VRAM_PRESETS_BY_FAMILY[family][vram]

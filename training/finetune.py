@@ -115,9 +115,9 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
             with lora.adapters_disabled(model):
                 return sequence_logps(model, x, y)
     else:
-        from models import MambaLanguageModel
-        ref_model = MambaLanguageModel.from_pretrained(base_dir, device="cpu", dtype=torch.float32,
-                                                       scan_backend=cfg.scan_backend)
+        from models import load_pretrained
+        ref_model = load_pretrained(base_dir, device="cpu", dtype=torch.float32, scan_backend=cfg.scan_backend,
+                                    family=model.config.family)
         resize_vocab(ref_model, tokenizer.vocab_size)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
 
@@ -132,11 +132,11 @@ def load_lora_checkpoint(path, base=None, merge: bool = True):
     """(model, tokenizer) from an adapter folder: its base (base or adapter_config.json's), grown to the folder's
     tokenizer (or the base's when the folder has none), with the adapter; merged into plain linears by default.
     On the CPU in fp32 (the caller moves it)."""
-    from models import MambaLanguageModel
+    from models import load_pretrained
     from utils.tokenizer import Tokenizer
     path = Path(path)
     base = Path(base) if base is not None else adapter_base(path)
-    model = MambaLanguageModel.from_pretrained(base, device="cpu", dtype=torch.float32)
+    model = load_pretrained(base, device="cpu", dtype=torch.float32)     # any family
     tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else base)
     resize_vocab(model, tokenizer.vocab_size)
     lora.load_adapter(model, path)
