@@ -316,6 +316,8 @@ def parse_args(argv=None):
         args.corpus_mb = min(args.corpus_mb, 1.0)
         args.vocab_size, args.seq_len, args.batch_size, args.probe_steps = 512, 64, 4, 3
         args.eval_batches = 2
+        if args.steps is None:          # a quick check: not the 20-minute plan of --minutes
+            args.steps = 20
     return args
 
 

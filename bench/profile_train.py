@@ -28,6 +28,8 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_train.py needs a CUDA GPU (it profiles CUDA time)")
 
     device = torch.device("cuda")
     model = MambaLanguageModel(model_config(args.model_size, DEFAULT_VOCAB_SIZE, scan_backend=args.backend)).to(device)

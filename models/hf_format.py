@@ -303,8 +303,14 @@ def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=N
     dtype = _as_dtype(dtype)
     config, _ = read_config(path, scan_backend, family)
     state_dict = _to_our_names(read_state_dict(path))
+    return build_with_weights(config, state_dict, path, device, dtype)
+
+
+def build_with_weights(config, state_dict, path, device=None, dtype=None):
+    """config's model (any family) holding exactly state_dict (checked strictly, names the file at `path`), on
+    `device` in `dtype`, in eval mode. Built on the meta device: no time or memory spent on an init that the
+    checkpoint overwrites."""
     from .registry import build_model
-    # Build on the meta device: no time or memory spent on an init that the checkpoint overwrites.
     with torch.device("meta"):
         model = build_model(config)
     state_dict = _check_state_dict(state_dict, model, path)

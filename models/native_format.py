@@ -19,10 +19,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
-from .hf_format import CONFIG_NAME, SAFETENSORS_NAME, _as_dtype, _check_state_dict, read_state_dict
+from .hf_format import CONFIG_NAME, SAFETENSORS_NAME, _as_dtype, build_with_weights, read_state_dict
 
 FORMAT = "mamba-trainer"
 FORMAT_VERSION = 1
@@ -78,21 +77,11 @@ def save_native(model, path, eos_token_id: int | None = None) -> None:
 
 def load_native(path, device=None, dtype=None, scan_backend: str = "auto", config=None):
     """Build the model a native directory holds, strictly. Returns it in eval mode."""
-    from .registry import build_model, read_config
+    from .registry import read_config
     path = Path(path)
     if config is None:
         config, fmt = read_config(path, scan_backend=scan_backend)
         if fmt != FORMAT:
             raise ValueError(f"{path / CONFIG_NAME} is not in the {FORMAT!r} format")
     dtype = _as_dtype(dtype)
-    state_dict = read_state_dict(path)
-    with torch.device("meta"):
-        model = build_model(config)
-    state_dict = _check_state_dict(state_dict, model, path)
-    if config.tie_embeddings:
-        state_dict["lm_head.weight"] = state_dict["backbone.embeddings.weight"]
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
-    model.to(device=device if device is not None else "cpu", dtype=dtype)
-    return model.eval()
+    return build_with_weights(config, read_state_dict(path), path, device, dtype)

@@ -34,7 +34,7 @@ def model_class(family: str):
 
 
 def build_model(config):
-    """A freshly initialised language model of config's family (MambaConfig or Mamba2Config)."""
+    """A freshly initialised language model of config's family (MambaConfig, Mamba2Config or HybridConfig)."""
     return model_class(config.family)(config)
 
 

@@ -6,12 +6,11 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .mamba import MambaLanguageModel
-
 
 @torch.no_grad()
-def resize_vocab(model: MambaLanguageModel, vocab_size: int) -> bool:   # or any family's model
-    """Make room for `vocab_size` token ids, keeping the padding rule (pad_vocab_size_multiple).
+def resize_vocab(model: nn.Module, vocab_size: int) -> bool:
+    """Make room for `vocab_size` token ids in a language model of any family, keeping the padding rule
+    (pad_vocab_size_multiple).
 
     Rows of the new ids (old vocab_size .. vocab_size - 1) are set to the mean of the old rows, deterministically:
     the same base and the same tokenizer always give the same resized model (a LoRA run relies on this to rebuild

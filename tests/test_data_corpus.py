@@ -252,7 +252,7 @@ def test_shards_reused_until_the_corpus_changes(tmp_path):
     os.utime(docs / "f1.txt", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert prepare_dataset(docs, **kw).reused
     # Same size, different content: detected.
-    (docs / "f1.txt").write_text(f"DOCUMENT NUMBER 1 " * 50)
+    (docs / "f1.txt").write_text("DOCUMENT NUMBER 1 " * 50)
     changed = prepare_dataset(docs, **kw)
     assert not changed.reused and changed.dir == first.dir
     assert "DOCUMENT NUMBER 1" in changed.tokenizer.decode(all_tokens(changed).tolist())

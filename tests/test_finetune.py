@@ -2,7 +2,6 @@
 step 0 and learning, an exact LoRA resume, merging, and the CLI end to end (train --task sft --lora, generate
 --chat)."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from inference import Decoder, pad_left
 from models import HybridConfig, MambaConfig, MambaLanguageModel, build_model, load_pretrained

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from models import HybridLanguageModel, load_pretrained
-from training import checkpoint as ck
 from training.config import ConfigError, resolve_config
 from training.launch import main
 

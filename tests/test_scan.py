@@ -1,7 +1,6 @@
 """Selective scan: the chunked backend against "ref" and against a float64 loop, the dispatch, the decoding step."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import resolve_backend, selective_scan, selective_state_update
 from kernels.chunked import selective_scan_chunked

@@ -387,7 +387,7 @@ def load_model_and_tokenizer(path: str | Path, device=None, dtype=None, scan_bac
         model, tokenizer = load_lora_checkpoint(ckpt)
         model.config.scan_backend = scan_backend
         return model.to(device=device or "cpu", dtype=dtype), tokenizer, ckpt
-    model = load_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)   # Mamba-1 or Mamba-2
+    model = load_pretrained(ckpt, device=device, dtype=dtype, scan_backend=scan_backend)   # any family
     tokenizer = load_tokenizer(ckpt)
     return model, tokenizer, ckpt
 

@@ -4,7 +4,8 @@
     or --init_from) -> memory fit check -> start-up summary -> Trainer.train()
 
 Bad input (ConfigError, the data pipeline's DataError, a checkpoint that does not match) is reported in one
-line with exit code 2 and no traceback; a run that has to stop (TrainingStopped) exits with code 1.
+line with exit code 2 and no traceback; a run that has to stop (TrainingStopped) exits with code 1; SIGINT /
+SIGTERM stop after a checkpoint of the current step with 130 / 143 (training/stop.py).
 """
 from __future__ import annotations
 

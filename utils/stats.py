@@ -66,7 +66,7 @@ def summary(records: list[dict], totals: dict, seq_len: int, manifest: dict | No
     loaded = sorted((r for r in records if r["status"] == "loaded"), key=lambda r: -r["tokens"])[:top]
     if loaded:
         add("")
-        add(f"Largest files (by tokens)")
+        add("Largest files (by tokens)")
         for r in loaded:
             add(f"  {r['tokens']:>12,} tokens  {r['chars']:>13,} chars  {r['path']}")
     notes = [r for r in records if r["status"] == "loaded" and r.get("note") and r["type"] != "pdf"]
