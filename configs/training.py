@@ -6,6 +6,21 @@ They combine with a model size (configs/model_sizes.py) and a VRAM preset (confi
 still be overridden in a JSON file (--config) or on the command line. training/config.py does the merging.
 """
 
+# The schedule the fine-tuning presets share (a trained model: no decay, a short warmup, Adam's usual beta2); each
+# preset below sets its own learning rate on top.
+_FINETUNE = {
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 30,
+    "max_steps": 1000,
+    "weight_decay": 0.0,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "grad_clip": 1.0,
+    "eval_interval": 100,
+    "eval_batches": 20,
+    "checkpoint_interval": 200,
+}
+
 TRAINING_PRESETS = {
     # A sound recipe for small language models from scratch: peak lr 6e-4 (the GPT-3 small / mamba-130m
     # neighbourhood), a short warmup, cosine down to a tenth of the peak.
@@ -53,62 +68,14 @@ TRAINING_PRESETS = {
     },
     # Full supervised fine-tuning of a trained model on conversations: a small lr (the weights are already good),
     # no decay away from them, a short warmup.
-    "sft": {
-        "lr": 2e-5,
-        "min_lr_ratio": 0.1,
-        "warmup_steps": 30,
-        "max_steps": 1000,
-        "weight_decay": 0.0,
-        "beta1": 0.9,
-        "beta2": 0.999,
-        "grad_clip": 1.0,
-        "eval_interval": 100,
-        "eval_batches": 20,
-        "checkpoint_interval": 200,
-    },
+    "sft": {**_FINETUNE, "lr": 2e-5},
     # LoRA adapters (any task but DPO): only the small adapter matrices train, starting from B = 0, so a lr about
     # ten times that of full fine-tuning (1e-4; PEFT/TRL examples use 1e-4 .. 2e-4).
-    "lora": {
-        "lr": 1e-4,
-        "min_lr_ratio": 0.1,
-        "warmup_steps": 30,
-        "max_steps": 1000,
-        "weight_decay": 0.0,
-        "beta1": 0.9,
-        "beta2": 0.999,
-        "grad_clip": 1.0,
-        "eval_interval": 100,
-        "eval_batches": 20,
-        "checkpoint_interval": 200,
-    },
+    "lora": {**_FINETUNE, "lr": 1e-4},
     # DPO of the full model: a very small lr (the DPO paper and TRL use 5e-7 .. 1e-6); beta is dpo_beta (0.1).
-    "dpo": {
-        "lr": 1e-6,
-        "min_lr_ratio": 0.1,
-        "warmup_steps": 30,
-        "max_steps": 1000,
-        "weight_decay": 0.0,
-        "beta1": 0.9,
-        "beta2": 0.999,
-        "grad_clip": 1.0,
-        "eval_interval": 100,
-        "eval_batches": 20,
-        "checkpoint_interval": 200,
-    },
+    "dpo": {**_FINETUNE, "lr": 1e-6},
     # DPO with LoRA adapters: adapters need a larger step than full weights (TRL's LoRA DPO examples: 5e-6 .. 5e-5).
-    "dpo_lora": {
-        "lr": 5e-6,
-        "min_lr_ratio": 0.1,
-        "warmup_steps": 30,
-        "max_steps": 1000,
-        "weight_decay": 0.0,
-        "beta1": 0.9,
-        "beta2": 0.999,
-        "grad_clip": 1.0,
-        "eval_interval": 100,
-        "eval_batches": 20,
-        "checkpoint_interval": 200,
-    },
+    "dpo_lora": {**_FINETUNE, "lr": 5e-6},
 }
 
 TASKS = ("lm", "sft", "dpo")

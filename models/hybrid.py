@@ -29,7 +29,7 @@ from kernels.ssd import resolve_ssd_backend
 from .attention import AttentionContext, positions_from_mask, rope_tables
 from .hybrid_config import ATTENTION_SYMBOLS, HybridConfig
 from .hybrid_layers import LAYERS, HybridKernels
-from .mamba import KernelChoice, MambaLanguageModel, _compute_dtype
+from .mamba import KernelChoice, MambaLanguageModel, _compute_dtype, resolve_or_fall_back
 
 logger = logging.getLogger(__name__)
 
@@ -83,29 +83,18 @@ class HybridLanguageModel(MambaLanguageModel):
     def _build_layers(self, config: HybridConfig) -> list[nn.Module]:
         return [LAYERS[symbol](config) for symbol in config.pattern]
 
-    def kernels_for(self, device: torch.device) -> HybridKernels:
-        """The concrete backend of every kernel for `device`, resolved once per device type and logged."""
-        if self._kernels is None or self._kernels[0] != device.type:
-            requested = self.config.scan_backend
-            try:
-                scan = resolve_backend(requested, device)
-            except RuntimeError as err:
-                scan = resolve_backend("auto", device)
-                logger.warning("%s Falling back to scan backend %r.", err, scan)
-            try:
-                ssd = resolve_ssd_backend(requested, device)
-            except RuntimeError as err:
-                ssd = resolve_ssd_backend("auto", device)
-                logger.warning("%s Falling back to SSD backend %r.", err, ssd)
-            choice = HybridKernels(
-                mamba1=KernelChoice.for_scan(scan),
-                mamba2=KernelChoice(scan=ssd, conv=resolve_conv_backend("auto", device),
-                                    norm=resolve_norm_backend("auto", device)),
-                norm=KernelChoice.for_scan(scan).norm)    # as MambaLanguageModel: "M" * n computes the same
-            logger.info("kernels on %s for pattern %s: Mamba-1 %s, Mamba-2 %s, attention SDPA, add+RMSNorm %s",
-                        device.type, self.config.pattern, choice.mamba1, choice.mamba2, choice.norm)
-            self._kernels = (device.type, choice)
-        return self._kernels[1]
+    def _choose_kernels(self, device: torch.device) -> HybridKernels:
+        requested = self.config.scan_backend
+        scan = resolve_or_fall_back(resolve_backend, requested, device, "scan")
+        ssd = resolve_or_fall_back(resolve_ssd_backend, requested, device, "SSD")
+        choice = HybridKernels(
+            mamba1=KernelChoice.for_scan(scan),
+            mamba2=KernelChoice(scan=ssd, conv=resolve_conv_backend("auto", device),
+                                norm=resolve_norm_backend("auto", device)),
+            norm=KernelChoice.for_scan(scan).norm)    # as MambaLanguageModel: "M" * n computes the same
+        logger.info("kernels on %s for pattern %s: Mamba-1 %s, Mamba-2 %s, attention SDPA, add+RMSNorm %s",
+                    device.type, self.config.pattern, choice.mamba1, choice.mamba2, choice.norm)
+        return choice
 
     def scan_backend_for(self, device: torch.device) -> str:
         """The scan backend of the Mamba layers for `device` (start-up summaries, memory estimate)."""

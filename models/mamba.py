@@ -61,6 +61,17 @@ class KernelChoice:
         return cls(scan=scan, conv=fused, norm=fused)
 
 
+def resolve_or_fall_back(resolve, requested: str, device: torch.device, what: str) -> str:
+    """resolve(requested, device), or resolve("auto", device) with a logged warning saying why when the requested
+    backend cannot run here (a model built for a GPU still loads on a CPU, and says so)."""
+    try:
+        return resolve(requested, device)
+    except RuntimeError as err:
+        name = resolve("auto", device)
+        logger.warning("%s Falling back to %s backend %r.", err, what, name)
+        return name
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """What the next matmul will run in: autocast's dtype when autocast is on for x's device, else the weight's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -263,20 +274,19 @@ class MambaLanguageModel(nn.Module):
         """The concrete selective-scan backend for `device` (see kernels_for)."""
         return self.kernels_for(device).scan
 
-    def kernels_for(self, device: torch.device) -> KernelChoice:
-        """The concrete backend of every kernel for `device`, resolved once per device type and logged."""
+    def kernels_for(self, device: torch.device):
+        """The concrete backend of every kernel for `device`: chosen (and logged) once per device type."""
         if self._kernels is None or self._kernels[0] != device.type:
-            requested = self.config.scan_backend
-            try:
-                name = resolve_backend(requested, device)
-            except RuntimeError as err:
-                name = resolve_backend("auto", device)
-                logger.warning("%s Falling back to scan backend %r.", err, name)
-            choice = KernelChoice.for_scan(name)
-            logger.info("kernels on %s: selective scan %s (requested %r), causal conv %s, add+RMSNorm %s, "
-                        "LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm)
-            self._kernels = (device.type, choice)
+            self._kernels = (device.type, self._choose_kernels(device))
         return self._kernels[1]
+
+    def _choose_kernels(self, device: torch.device) -> KernelChoice:
+        """Each family's own choice of kernels for `device` (called once per device type by kernels_for)."""
+        requested = self.config.scan_backend
+        choice = KernelChoice.for_scan(resolve_or_fall_back(resolve_backend, requested, device, "scan"))
+        logger.info("kernels on %s: selective scan %s (requested %r), causal conv %s, add+RMSNorm %s, "
+                    "LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm)
+        return choice
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Empty recurrent state for `batch_size` sequences (conv states in `dtype`, SSM states in fp32)."""

@@ -36,7 +36,7 @@ from kernels.norm_gated import rms_norm_gated
 from kernels.ssd import process_dt, resolve_ssd_backend, ssd_scan, ssd_state_update
 
 from .config import Mamba2Config
-from .mamba import KernelChoice, MambaCache, MambaLanguageModel, RMSNorm, _compute_dtype
+from .mamba import KernelChoice, MambaCache, MambaLanguageModel, RMSNorm, _compute_dtype, resolve_or_fall_back
 
 logger = logging.getLogger(__name__)
 
@@ -197,25 +197,18 @@ class Mamba2LanguageModel(MambaLanguageModel):
             raise TypeError(f"Mamba2LanguageModel needs a Mamba2Config, got {type(config).__name__}")
         super().__init__(config)
 
-    def kernels_for(self, device: torch.device) -> KernelChoice:
-        """The concrete backend of every kernel for `device`, resolved once per device type and logged."""
-        if self._kernels is None or self._kernels[0] != device.type:
-            requested = self.config.scan_backend
-            try:
-                name = resolve_ssd_backend(requested, device)
-            except RuntimeError as err:
-                name = resolve_ssd_backend("auto", device)
-                logger.warning("%s Falling back to SSD backend %r.", err, name)
-            choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
-                                  norm=resolve_norm_backend("auto", device))
-            note = (" (Triton forward; its backward recomputes through the chunked scan)" if name == "triton"
-                    else " (the matmul-based chunked scan on CUDA)" if device.type == "cuda" and name == "chunked"
-                    else "")
-            logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
-                        "gated RMSNorm torch, LM loss chunked", device.type, choice.scan, requested, note,
-                        choice.conv, choice.norm)
-            self._kernels = (device.type, choice)
-        return self._kernels[1]
+    def _choose_kernels(self, device: torch.device) -> KernelChoice:
+        requested = self.config.scan_backend
+        name = resolve_or_fall_back(resolve_ssd_backend, requested, device, "SSD")
+        choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
+                              norm=resolve_norm_backend("auto", device))
+        note = (" (Triton forward; its backward recomputes through the chunked scan)" if name == "triton"
+                else " (the matmul-based chunked scan on CUDA)" if device.type == "cuda" and name == "chunked"
+                else "")
+        logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
+                    "gated RMSNorm torch, LM loss chunked", device.type, choice.scan, requested, note,
+                    choice.conv, choice.norm)
+        return choice
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Empty recurrent state: per layer conv (b, conv_dim, k) in `dtype` and SSM (b, h, p, n) in fp32."""
