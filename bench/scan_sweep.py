@@ -1,11 +1,10 @@
 """Sweep of the Triton scan's knobs and memory layouts on a GPU, checked against the chunked backend.
 
     python bench/scan_sweep.py                                   # both issue shapes, both layouts, default configs
-    python bench/scan_sweep.py --shapes 8x2048x1536x16 --configs "8,8,32,1,32,1,8192;8,8,32,1,16,2,8192"
+    python bench/scan_sweep.py --shapes 8x2048x1536x16 --configs "BWD_TI=8,BWD_TL=4;DBC_ATOMIC=1"
     python bench/scan_sweep.py --baseline path/to/old_triton_scan.py   # an earlier version in the same run
 
-A config is CHUNK_LEN, SEG_CHUNKS, FWD_PER_THREAD, FWD_WARPS, BWD_PER_THREAD, BWD_WARPS, TARGET_PROGRAMS (the
-module's knobs). Layouts: "bdl" = contiguous (batch, d_inner, L) operands; "bld" = the model's, transposed views
+A config sets some of the module's knobs (KNOBS below), the rest keeping their defaults; "default" is none. Layouts: "bdl" = contiguous (batch, d_inner, L) operands; "bld" = the model's, transposed views
 of (batch, L, ·) storage (z and B, C slices of wider rows, as the projections produce them). For each: forward and
 forward+backward medians (triton.testing.do_bench), relative L2 error of y and of the worst input gradient against
 "chunked". A baseline module (an earlier triton_scan.py) runs first, in the contiguous layout, for a ratio.
@@ -25,8 +24,22 @@ import kernels.triton_scan as ts  # noqa: E402
 from bench_scan import floor_ms, make_inputs  # noqa: E402
 from kernels.chunked import selective_scan_chunked  # noqa: E402
 
-KNOBS = ("CHUNK_LEN", "SEG_CHUNKS", "FWD_PER_THREAD", "FWD_WARPS", "BWD_PER_THREAD", "BWD_WARPS", "TARGET_PROGRAMS")
-DEFAULT_CONFIGS = "8,8,32,1,32,1,8192;8,8,32,1,16,2,8192;8,8,32,1,32,1,1;8,8,32,1,16,2,16384;8,4,32,1,16,2,8192"
+KNOBS = ("CHUNK_LEN", "SEG_CHUNKS", "FWD_PER_THREAD", "FWD_WARPS", "BWD_PER_THREAD", "BWD_WARPS", "TARGET_PROGRAMS",
+         "BWD_MAXNREG")
+DEFAULT_CONFIGS = "default;BWD_MAXNREG=168;BWD_MAXNREG=128;TARGET_PROGRAMS=16384,BWD_MAXNREG=128"
+
+
+def parse_config(text):
+    """ "KNOB=value,KNOB=value" (or "default") -> {knob: int}"""
+    if text.strip() == "default":
+        return {}
+    config = {}
+    for item in text.split(","):
+        knob, value = item.split("=")
+        if knob.strip() not in KNOBS:
+            raise SystemExit(f"unknown knob {knob!r}; knobs: {', '.join(KNOBS)}")
+        config[knob.strip()] = None if value.strip() == "None" else int(value)
+    return config
 
 
 def token_major(t, pad=0):
@@ -71,7 +84,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8x2048x1536x16,4x8192x2048x16")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
-    parser.add_argument("--layouts", default="bdl,bld")
+    parser.add_argument("--layouts", default="bld")
     parser.add_argument("--baseline", default=None, help="an earlier triton_scan.py to time first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -81,8 +94,8 @@ def main():
         spec = importlib.util.spec_from_file_location("baseline_triton_scan", args.baseline)
         baseline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
-    configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";")]
-    defaults = tuple(getattr(ts, k) for k in KNOBS)
+    configs = [(c, parse_config(c)) for c in args.configs.split(";")]
+    defaults = {k: getattr(ts, k) for k in KNOBS}
     for shape_text in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_text.split("x"))
         inputs = make_inputs(*shape, dtype=torch.bfloat16, device="cuda")
@@ -95,21 +108,28 @@ def main():
         y_ref = y_ref.detach()
         print(f"\n{torch.cuda.get_device_name()}, shape {shape_text} (b x L x d x n), bf16; floor "
               f"fwd {floor_ms(*shape, 2, False):.3f} ms, fwd+bwd {floor_ms(*shape, 2, True):.3f} ms", flush=True)
-        base_fb = None
+        base_fb = {}
         if baseline is not None:
-            t_f, t_fb, ye, ge = measure(baseline.selective_scan_triton, inputs, dy, y_ref, g_ref)
-            base_fb = t_fb
-            print(f"  baseline {args.baseline}  bdl: fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  "
-                  f"y err {ye:.1e}  grad err {ge:.1e}", flush=True)
-        for config in configs:
-            for knob, value in zip(KNOBS, config):
+            for layout in args.layouts.split(","):
+                t_f, t_fb, ye, ge = measure(baseline.selective_scan_triton, layout_inputs(inputs, layout), dy, y_ref,
+                                            g_ref)
+                base_fb[layout] = t_fb
+                print(f"  baseline {Path(args.baseline).name:<24} {layout}: fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  "
+                      f"y err {ye:.1e}  grad err {ge:.1e}", flush=True)
+        for name, config in configs:
+            for knob, value in {**defaults, **config}.items():
                 setattr(ts, knob, value)
             for layout in args.layouts.split(","):
-                t_f, t_fb, ye, ge = measure(ts.selective_scan_triton, layout_inputs(inputs, layout), dy, y_ref, g_ref)
-                ratio = f"  baseline/this {base_fb / t_fb:.2f}x" if base_fb else ""
-                print(f"  config {','.join(map(str, config))} {layout}: fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  "
+                try:
+                    t_f, t_fb, ye, ge = measure(ts.selective_scan_triton, layout_inputs(inputs, layout), dy, y_ref,
+                                                g_ref)
+                except Exception as error:          # a config the compiler rejects: say so, go on with the rest
+                    print(f"  config {name:<32} {layout}: failed: {str(error).splitlines()[0][:160]}", flush=True)
+                    continue
+                ratio = f"  baseline/this {base_fb[layout] / t_fb:.2f}x" if layout in base_fb else ""
+                print(f"  config {name:<32} {layout}: fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  "
                       f"y err {ye:.1e}  grad err {ge:.1e}{ratio}", flush=True)
-        for knob, value in zip(KNOBS, defaults):
+        for knob, value in defaults.items():
             setattr(ts, knob, value)
 
 

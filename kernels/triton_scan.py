@@ -72,6 +72,7 @@ TARGET_PROGRAMS = 8192       # the backward splits the sequence into parts until
 # thread spilled in the backward, fewer left too few channels per program to pay for the sums over them.
 FWD_PER_THREAD, FWD_WARPS = 32, 1
 BWD_PER_THREAD, BWD_WARPS = 32, 1
+BWD_MAXNREG = None           # a register cap for the backward (None: the compiler's choice, 255 at d_state 16)
 
 
 @triton.jit
@@ -586,6 +587,7 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
         *_strides(u), *_strides(delta), A.stride(0), A.stride(1), *_strides(B), *_strides(C), *_strides(zz),
         *_strides(dy), *_strides(du), *_strides(ddelta), *_strides(dzz),
         HAS_D=D is not None, HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **flags, **cfg,
+        **({} if BWD_MAXNREG is None else dict(maxnreg=BWD_MAXNREG)),
     )
     return (du, ddelta, dA.to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz,
