@@ -345,22 +345,20 @@ def _scan_bwd_kernel(
     seg_first = part * part_segs
     seg = tl.minimum(seg_first + part_segs, n_segs) - 1
     while seg >= seg_first:
-        # 1. Forward through the segment from its saved first state, keeping each chunk's first state.
+        # 1. Forward through the segment from its saved first state, keeping each chunk's first state. The last
+        # chunk's own states are not needed here (pass 2 recomputes them), only the state before it.
         c_first = seg * SEG_CHUNKS
         c_end = tl.minimum(c_first + SEG_CHUNKS, n_chunks)
         h = tl.load(seg_ptr + (pid_b * n_segs + seg) * dim * dstate + state_offs, mask=mask_nd, other=0.0)
         c = c_first
-        if SEG_CHUNKS == 1:
-            c = c_end          # one chunk per segment: its saved state is all the backward needs
-            tl.store(scratch, h)
         t = c * BLOCK_L + offs_l
-        more = (t < seqlen) & (t < c_end * BLOCK_L)
+        more = (t < seqlen) & (t < (c_end - 1) * BLOCK_L)
         mask_td = more[:, None] & mask_d[None, :]
         mask_tn = more[:, None] & mask_n[None, :]
         u_next = tl.load(u_base + t[:, None] * s_ul, mask=mask_td, other=0.0)
         delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
         B_next = tl.load(B_base + t[:, None] * s_Bl, mask=mask_tn, other=0.0)
-        while c < c_end:
+        while c < c_end - 1:
             tl.store(scratch + (c - c_first) * BLOCK_N * BLOCK_D, h)
             t = c * BLOCK_L + offs_l
             mask_td = (t < seqlen)[:, None] & mask_d[None, :]
@@ -368,7 +366,7 @@ def _scan_bwd_kernel(
             delta = delta_next.to(tl.float32)
             B = B_next.to(tl.float32)
             t_next = t + BLOCK_L
-            more = (t_next < seqlen) & (t_next < c_end * BLOCK_L)
+            more = (t_next < seqlen) & (t_next < (c_end - 1) * BLOCK_L)
             mask_td_next = more[:, None] & mask_d[None, :]
             mask_tn_next = more[:, None] & mask_n[None, :]
             u_next = tl.load(u_base + t_next[:, None] * s_ul, mask=mask_td_next, other=0.0)
@@ -382,6 +380,7 @@ def _scan_bwd_kernel(
             _, _, hs = _chunk_states(delta, u, B, A2, h)
             h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)
             c += 1
+        tl.store(scratch + (c_end - 1 - c_first) * BLOCK_N * BLOCK_D, h)
         tl.debug_barrier()
 
         # 2. Backward through the segment's chunks, last first (chunk c - 1's loads issued before c's arithmetic).
