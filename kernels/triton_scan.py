@@ -48,8 +48,11 @@ dB and dC are summed over the program's channels in registers and written as one
 are summed over the program's steps and added across programs with fp32 atomics. No per-channel copy of B or C and no
 L*n tensor is ever written.
 
-Written without a GPU (2026-12-01): correct under the interpreter and compiled for sm_90, but not yet timed against
-the previous one-part backward (bench/scan_sweep.py does that, TARGET_PROGRAMS=1 being the old schedule).
+Timed on the H200 (2026-12-02, bench/scan_sweep.py, notes/scan_sweep_2026-12-02_flip.txt): forward+backward at
+(8, 2048, 1536, 16) bf16 in the model's token-major layout 2.70 ms (c35aaa8: 3.58; mamba_ssm 2.42 in its contiguous
+layout), 2.27 ms on contiguous operands. What moved it: the adjoint's reverse scan is written as flip, forward scan,
+flip (Triton 3.6 lowered `reverse=True` over the in-register time axis with ~600 warp shuffles per chunk), and pass 1
+skips each segment's last chunk. A register cap (maxnreg 168 or 128) and two warps per program measured slower.
 """
 from __future__ import annotations
 
