@@ -172,7 +172,8 @@ def fmt(value) -> str:
 def markdown(report: dict, failed_tests: list[str]) -> str:
     f = report["figures"]
     out = [f"# gpu_check: {report.get('device', '?')}, torch {report.get('torch', '?')}", "",
-           "## Issue 16's figures", "", "| figure | value | required | target | verdict |", "| --- | ---: | ---: | ---: | --- |"]
+           "## Issue 16's figures", "", "| figure | value | required | target | verdict |",
+           "| --- | ---: | ---: | ---: | --- |"]
     for label, name, required, target, sense in CHECKS:
         value = f.get(name)
         bound = "<=" if sense == "max" else ">="
