@@ -2,6 +2,7 @@
 
     python bench/bench_conv.py                                      # the shapes, bf16, both layouts
     python bench/bench_conv.py --shapes 8x2048x1536x4 --dtype fp16 --repeat 5
+    python bench/bench_conv.py --json conv.json                     # the rows as JSON too
 
 Shapes are batch x L x d_inner x k. Layouts: "model" is x as the mixer has it, a transposed view of the (b, l, 2d)
 in_proj output (channels contiguous); "contiguous" is a (b, d, l) tensor. The Triton path gets fp32 weight and bias
@@ -13,6 +14,7 @@ the median over rounds is printed. "speed-up" is cuDNN's time over Triton's. The
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -66,6 +68,7 @@ def main():
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
     parser.add_argument("--layouts", default="model,contiguous")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_conv.py needs a CUDA GPU")
@@ -78,6 +81,7 @@ def main():
               f"{'speed-up':>9} {'floor ms':>9} {'triton/floor':>13} {'max rel err':>12}")
     print(header)
     print("-" * len(header))
+    records = []
     for batch, seqlen, dim, k in parse_shapes(args.shapes):
         for layout in args.layouts.split(","):
             x, weight, bias, dy = make_inputs(batch, seqlen, dim, k, dtype, layout)
@@ -101,8 +105,13 @@ def main():
                 floor = n_tensors * elem / FLOOR_BYTES_PER_S * 1e3
                 print(f"{f'{batch}x{seqlen}x{dim}x{k}':<22} {layout:<11} {pass_:<8} {t_tri:>10.3f} {t_cud:>10.3f} "
                       f"{t_cud / t_tri:>8.2f}x {floor:>9.3f} {t_tri / floor:>12.2f}x {err:>12.2e}")
+                records.append(dict(shape=f"{batch}x{seqlen}x{dim}x{k}", layout=layout, mode=pass_, triton_ms=t_tri,
+                                    cudnn_ms=t_cud, floor_ms=floor, max_rel_err=err))
             del x, weight, bias, dy, fns
             torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                               "dtype": args.dtype, "rows": records}, indent=1))
 
 
 if __name__ == "__main__":

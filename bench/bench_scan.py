@@ -3,6 +3,7 @@
     python bench/bench_scan.py                                   # CPU: small-model shapes, fp32
     python bench/bench_scan.py --device cuda                     # GPU: the shapes, bf16, memory floor
     python bench/bench_scan.py --shapes 4x1024x1024x16 --backends ref,chunked --repeat 5
+    python bench/bench_scan.py --device cuda --backends triton,chunked --json scan.json   # rows as JSON too
 
 Shapes are batch x L x d_inner x d_state. Every call is a Mamba mixer's: delta_bias, softplus, D skip and z gate.
 "speed vs chunked" is chunked's time divided by the backend's (above 1: faster than chunked). On CUDA times are
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import sys
 import time
@@ -134,6 +136,7 @@ def main(argv=None):
                         "on CUDA it scales do_bench's time budget")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (comma-separated)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write every row to this JSON file")
     args = parser.parse_args(argv)
 
     if args.device not in ("cpu", "cuda"):
@@ -167,6 +170,7 @@ def main(argv=None):
         header += f" {'floor ms':>9} {'x floor':>8}"
     header += f" {'max|y-ref|':>11} {'max grad err':>13}"
     print(header)
+    records = []
     for shape in shapes:
         inputs = make_inputs(*shape, dtype=dtype, device=device)
         dy = torch.randn_like(inputs[0])
@@ -178,16 +182,23 @@ def main(argv=None):
             for name in backends:
                 ratio = f"{times['chunked'] / times[name]:.2f}x" if "chunked" in times else "-"
                 row = f"{'x'.join(map(str, shape)):>22} {mode:>8} {name:>8} {times[name]:>10.3f} {ratio:>17}"
+                record = dict(shape="x".join(map(str, shape)), mode=mode, backend=name, ms=times[name])
                 if device.type == "cuda":
                     fl = floor_ms(*shape, elem_bytes, backward)
                     row += f" {fl:>9.3f} {times[name] / fl:>7.1f}x"
+                    record["floor_ms"] = fl
                 if "ref" in outs:
                     y_err, g_err = max_errors(outs[name], outs["ref"])
                     row += f" {y_err:>11.2e} {('-' if g_err is None else f'{g_err:.2e}'):>13}"
+                    record.update(y_err=y_err, grad_err=g_err)
                 else:
                     row += f" {'-':>11} {'-':>13}"
                 print(row, flush=True)
+                records.append(record)
             del outs
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__, "dtype": str(dtype),
+                                               "rows": records}, indent=1))
     return 0
 
 

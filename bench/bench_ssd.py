@@ -4,6 +4,7 @@
     python bench/bench_ssd.py --shapes 4x1024x16x64x64 --chunks 64,128,256 --repeat 3
     python bench/bench_ssd.py --gpu                               # triton vs chunked on CUDA, bf16, chunk 256,
                                                                   # at (8, 2048, 24 heads x 64, d_state 128)
+    python bench/bench_ssd.py --gpu --json ssd.json               # the rows as JSON too (GPU mode)
 
 GPU mode (--gpu): the Triton backend against the chunked one at each shape, bf16 inputs, the model's call (dt_bias,
 softplus, D), timed with triton.testing.do_bench (median ms over its repeats); forward under no_grad, and
@@ -18,6 +19,7 @@ max |grad - grad_ref| / max |grad_ref|.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -52,12 +54,13 @@ def run(inputs, backend, chunk, backward):
     return y.detach(), None
 
 
-def main_gpu(shapes, chunk):
+def main_gpu(shapes, chunk, json_path=None):
     from triton.testing import do_bench
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}")
     print("| shape (b x L x h x p x n) | mode | chunked ms | triton ms | speed-up | max |y - chunked| |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
+    records = []
     for shape in shapes.split(","):
         b, l, h, hp, n = (int(v) for v in shape.lower().split("x"))
         inputs = [t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 else torch.float32).requires_grad_()
@@ -75,6 +78,11 @@ def main_gpu(shapes, chunk):
                 f"{((ys['triton'] - ys['chunked']).abs().max() / ys['chunked'].abs().max()).item():.1e}"
             print(f"| {shape} | {'fwd+bwd' if backward else 'fwd'} | {ms['chunked']:.2f} | {ms['triton']:.2f} "
                   f"| {ms['chunked'] / ms['triton']:.2f}x | {err} |", flush=True)
+            records.append(dict(shape=shape, mode="fwd+bwd" if backward else "fwd", chunked_ms=ms["chunked"],
+                                triton_ms=ms["triton"], y_err=None if backward else float(err)))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                               "dtype": "bf16", "chunk": chunk, "rows": records}, indent=1))
 
 
 def timed(fn):
@@ -91,11 +99,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu", action="store_true", help="triton vs chunked on CUDA, bf16 (shapes default to "
                    "8x2048x24x64x128, the first of --chunks as the chunk size, 256 by default)")
+    p.add_argument("--json", default=None, help="GPU mode: also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.gpu:
         shapes = args.shapes if args.shapes != p.get_default("shapes") else "8x2048x24x64x128"
         chunk = int(args.chunks.split(",")[0]) if args.chunks != p.get_default("chunks") else 256
-        return main_gpu(shapes, chunk)
+        return main_gpu(shapes, chunk, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     chunks = [int(c) for c in args.chunks.split(",")]

@@ -1,12 +1,14 @@
 """Where a training step's GPU time goes: torch.profiler over forward + backward + AdamW of a Mamba LM.
 
-    python bench/profile_train.py --model_size medium --batch 8 --seq_len 2048 [--compile]
+    python bench/profile_train.py --model_size medium --batch 8 --seq_len 2048 [--compile] [--json PATH]
 
 Prints the operators with the most CUDA time (self), and the step's median time and tokens/s. Random tokens.
+--json also writes the step's figures, the profiled step's total GPU (self) time and the top operators.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--json", default=None, help="also write the figures and the top operators to this JSON file")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_train.py needs a CUDA GPU (it profiles CUDA time)")
@@ -62,7 +65,19 @@ def main():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.json:
+        # self times add up to the GPU's busy time in the profiled step (the rest of ms_per_step it waited)
+        ops = sorted(averages, key=lambda e: -e.self_device_time_total)
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "model_size": args.model_size,
+            "batch": args.batch, "seq_len": args.seq_len, "compile": args.compile, "ms_per_step": ms,
+            "tokens_per_s": args.batch * args.seq_len / ms * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_ms": sum(e.self_device_time_total for e in averages) / 1e3,
+            "top": [dict(name=e.key[:80], calls=e.count, self_ms=e.self_device_time_total / 1e3)
+                    for e in ops[:args.rows]]}, indent=1))
 
 
 if __name__ == "__main__":

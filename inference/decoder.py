@@ -66,6 +66,8 @@ class Decoder:
         self.max_length = max_length
         self.cache = model.init_decode_cache(batch_size, max_length)
         self._step_fn = model.step_states
+        # choose (and log) the kernels here, outside the traced and captured step, which then only reads the choice
+        model.kernels_for(self.device)
         if compile:
             self._step_fn = torch.compile(model.step_states, fullgraph=True, dynamic=False)
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)   # static input of the graph

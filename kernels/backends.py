@@ -4,6 +4,12 @@ Every entry point (selective_scan, causal_conv1d, add_rms_norm, ...) resolves it
 rule is the same everywhere: "auto" is the fused Triton kernels for CUDA tensors when Triton imports and the
 operation's PyTorch path otherwise; an explicit "triton" that cannot run is an error that says why (never a silent
 switch); an unknown name is an error that lists the allowed ones.
+
+Whether Triton is installed is probed once, when this module is imported. The entry points resolve their backend on
+every call, and some calls run inside code that torch.compile traces (the model's decoding step): Dynamo refuses an
+import probe there (torch 2.11: "Attempted to call function marked as skipped" on importlib.util.find_spec), so
+traced code only reads the stored answer. On CUDA tensors resolving reads nothing else; TRITON_INTERPRET is read only
+for an explicit "triton" on another device.
 """
 from __future__ import annotations
 
@@ -13,8 +19,11 @@ import os
 import torch
 
 
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None     # the one probe (see the module doc)
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:

@@ -108,6 +108,30 @@ def test_interp_compiled_model_is_one_graph():
     assert explanation.graph_count == 1
 
 
+@interp
+def test_interp_compiled_decode_step_matches_eager(monkeypatch):
+    """generate.py --compile with the fused kernels (what crashed on the GPU): the decoding step traced whole
+    (fullgraph), the add+RMSNorm custom ops inside it, from a model that has not chosen its kernels yet, as the
+    CUDA-graph capture traces it before any prefill; its logits and states follow the eager fused step's, token by
+    token. aot_eager: Dynamo and the custom ops' fake versions, not Inductor."""
+    from inference import Decoder
+
+    model = make_model("triton")
+    compile_with_inductor = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_with_inductor(fn, **{**kw, "backend": "aot_eager"}))
+    decoder = Decoder(model, 2, compile=True)
+    eager = model.init_cache(2)
+    ids = torch.randint(0, 53, (2, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            tokens = ids[:, t].contiguous()
+            got, want = decoder.step(tokens), model.step_states(tokens, *eager.step_args())
+            assert rel_err(got, want) < 2e-5
+    assert model.kernels_for(ids.device).norm == "triton"
+    for a, b in zip(decoder.cache.conv_states + decoder.cache.ssm_states, eager.conv_states + eager.ssm_states):
+        assert rel_err(a, b) < 2e-5
+
+
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""

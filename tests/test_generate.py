@@ -10,7 +10,7 @@ import torch
 
 import generate
 from inference import Decoder, TextStream, generate_text, pad_left
-from models import MambaConfig, MambaLanguageModel
+from models import HybridConfig, Mamba2Config, MambaConfig, MambaLanguageModel, build_model
 from models.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 from training.checkpoint import write_atomic_dir
 from utils.tokenizer import Tokenizer
@@ -284,6 +284,35 @@ def test_cli_incomplete_step_and_missing_tokenizer_exit_2(tmp_path, capsys, mode
     model.save_pretrained(tmp_path / "no_tok")
     code, _, err = run_main(capsys, "--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x", "--device", "cpu")
     assert code == 2 and "tokenizer" in err
+
+
+# ---- the compiled step ----------------------------------------------------------------------------------------------
+
+TINY_CONFIGS = {
+    "mamba1": lambda: MambaConfig(d_model=24, n_layer=2, vocab_size=61, d_state=4, d_conv=3),
+    "mamba2": lambda: Mamba2Config(d_model=24, n_layer=2, vocab_size=61, d_state=8, headdim=12, chunk_size=4),
+    "hybrid": lambda: HybridConfig(d_model=32, n_layer=3, vocab_size=61, pattern="M2A", n_heads=4, n_kv_heads=2,
+                                   mamba1=dict(d_state=8), mamba2=dict(d_state=16, headdim=16, chunk_size=8)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_compiled_step_is_one_graph_and_matches_eager(family, monkeypatch):
+    """generate.py --compile: torch.compile(fullgraph=True) traces the decoding step of a model that has not chosen
+    its kernels yet, as the CUDA-graph capture does before any prefill (the Decoder chooses them before the trace:
+    choosing logs, which Dynamo refuses inside a graph), and decodes the tokens the eager step decodes. Dynamo only
+    (backend "eager"): the trace is what is checked here, Inductor is slow on the CPU; the GPU test below runs the
+    default backend."""
+    torch.manual_seed(0)
+    model = randomize_parameters(build_model(TINY_CONFIGS[family]()), scale=0.3)
+    compile_with_inductor = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_with_inductor(fn, **{**kw, "backend": "eager"}))
+    ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0)
+    decoder = Decoder(model, 2, compile=True, max_length=16)
+    with torch.no_grad():
+        decoder.step(ids[:, 0].contiguous())   # traced before any forward (prefill overwrites the state it leaves)
+    assert torch.equal(decoder.decode(ids, 6, greedy), Decoder(model, 2, max_length=16).decode(ids, 6, greedy))
 
 
 # ---- GPU: the CUDA-graph step ---------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ def run(inputs, backend, chunk_size=4, dt_limit=(0.0, math.inf), with_grad=True)
                         initial_states=h0, return_final_states=True, chunk_size=chunk_size, backend=backend)
     if not with_grad:
         return y, final, None
-    gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
-    dfinal = torch.randn(final.shape, generator=gen)
+    gen = torch.Generator().manual_seed(1)         # drawn on the CPU (the same numbers on every device), then moved
+    dy = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    dfinal = torch.randn(final.shape, generator=gen).to(final.device)
     (y.float() * dy.float()).sum().add_((final * dfinal).sum()).backward()
     return y.detach(), final.detach(), [t.grad.clone() for t in inputs]
 

@@ -64,6 +64,7 @@ class Trainer:
         self.raw_model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.raw_model.train()
         self.model = self.raw_model
+        self.raw_model.kernels_for(device)    # chosen and logged here, so the compiled forward only reads the choice
         if cfg.compile:
             self.model = torch.compile(self.model)
         if dist.enabled:
