@@ -123,6 +123,8 @@ class EagerStandIn:
     fresh gradients, as a replay's first backward overwrites .grad), and optimizer_step steps. Lets the Trainer's
     warm-up / replay / skip / fall-back logic run where no GPU is."""
 
+    captured = True
+
     def __init__(self, compute, optimizer, fail_at_replay=None):
         self.compute, self.optimizer, self.fail_at_replay = compute, optimizer, fail_at_replay
         self.warmups = self.replays = 0
@@ -192,6 +194,25 @@ def test_non_finite_replay_skips_the_optimizer(tmp_path):
     loss, norm, finite = trainer.train_step(1e-3)
     assert not finite and math.isnan(loss) and not stepped
     assert all(torch.equal(x, y) for x, y in zip(before, _weights(trainer)))
+
+
+def test_evaluation_out_of_memory_drops_the_graphs(tmp_path):
+    lines = []
+    trainer = make_trainer(tmp_path, torch.device("cpu"), log=lines.append, seq_len=32, eval_batches=1)
+    stand_in = trainer.captured = EagerStandIn(trainer._accumulate_and_clip, trainer.optimizer)
+    forward, calls = trainer.raw_model.forward, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    trainer.raw_model.forward = short_of_memory
+    assert math.isfinite(trainer.evaluate()) and len(calls) == 2
+    assert stand_in.released and trainer.captured is None and trainer.raw_model.training
+    assert [line.strip() for line in lines] == ["CUDA graph off from step 1: evaluation ran out of GPU memory beside "
+                                                "the graphs' memory; the steps run eagerly"]
 
 
 # ---- the captured step on a GPU ---------------------------------------------------------------------------------

@@ -267,9 +267,22 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks)."""
+        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks).
+
+        Beside captured graphs, whose memory pool stays reserved, evaluation needs its own memory: if that runs
+        out, the graphs are dropped (one line says so) and the evaluation is redone."""
+        if self.captured is None or not self.captured.captured:
+            return self._evaluate()
+        try:
+            return self._evaluate()
+        except torch.OutOfMemoryError:
+            pass    # handled outside the except block, whose traceback still holds the failed pass
+        self._stop_capturing("evaluation ran out of GPU memory beside the graphs' memory")
+        return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         self.raw_model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss sum, count)
         batches = self.objective.eval_batches(self.micro_split, self.cfg.eval_batches)
