@@ -168,7 +168,8 @@ def parse_steps(text: str) -> list[str]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="8x2048,2x8192", help="batch x length, comma-separated")
-    p.add_argument("--step", default="eager", help=f"how our step runs: {', '.join(STEPS)}, or several, comma-separated")
+    p.add_argument("--step", default="eager",
+                   help=f"how our step runs: {', '.join(STEPS)}, or several, comma-separated")
     p.add_argument("--compile", action="store_true", help="also time both models under torch.compile (default mode)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -218,8 +219,9 @@ def main():
             peak = {peer.name: (peer.resident_bytes() + peer.transient) / GIB for peer in peers}
             gpt = peers[-1]
             for peer, kind in zip(peers[:-1], our_kinds):
-                row = dict(shape=f"{batch} x {seqlen}", ours=kind, gpt=gpt_kind, ours_tokens_per_s=round(tps[peer.name]),
-                           gpt_tokens_per_s=round(tps[gpt.name]), ratio=round(tps[peer.name] / tps[gpt.name], 3),
+                row = dict(shape=f"{batch} x {seqlen}", ours=kind, gpt=gpt_kind,
+                           ours_tokens_per_s=round(tps[peer.name]), gpt_tokens_per_s=round(tps[gpt.name]),
+                           ratio=round(tps[peer.name] / tps[gpt.name], 3),
                            ours_ms=round(1000 * statistics.median(peer.times), 2),
                            ours_peak_gib=round(peak[peer.name], 2), gpt_peak_gib=round(peak[gpt.name], 2))
                 rows.append(row)
@@ -230,7 +232,8 @@ def main():
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print("\n| batch x length | ours | GPT | ours tokens/s | GPT tokens/s | ours / GPT | ours peak GiB | GPT peak GiB |")
+    print("\n| batch x length | ours | GPT | ours tokens/s | GPT tokens/s | ours / GPT | ours peak GiB | "
+          "GPT peak GiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['shape']} | {r['ours']} | {r['gpt']} | {r['ours_tokens_per_s']:,} | {r['gpt_tokens_per_s']:,} | "

@@ -67,7 +67,8 @@ def correctness(runs: Path, precision: str, family: str) -> dict:
         captured = trainer.captured is not None and trainer.captured.captured
         results[name] = (steps, [p.detach().clone() for p in trainer.raw_model.parameters()], captured)
         del trainer
-    (eager, w_eager, _), (again, w_again, _), (graph, w_graph, captured) = (results[k] for k in ("eager", "again", "graph"))
+    (eager, w_eager, _), (_, w_again, _), (graph, w_graph, captured) = (results[k] for k in ("eager", "again",
+                                                                                              "graph"))
     loss_diff = max(abs(c[0] - a[0]) / abs(a[0]) for a, c in zip(eager, graph))
     norm_diff = max(abs(c[1] - a[1]) / abs(a[1]) for a, c in zip(eager, graph))
     noise = max((x - y).abs().max().item() for x, y in zip(w_eager, w_again))
