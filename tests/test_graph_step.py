@@ -11,6 +11,7 @@ import torch
 
 from configs.model_sizes import model_config
 from models import build_model
+from models.lora import LoRAConfig, apply_lora
 from training.config import ConfigError, TrainConfig, resolve_config
 from training.distributed import DistInfo
 from training.graph_step import WARMUP_STEPS, CaptureFailed, _lr_from_tensor, capture_blocker, use_cuda_graph
@@ -30,9 +31,9 @@ class _Tok:
         pass
 
 
-def make_trainer(run_dir, device, log=None, model_size="tiny", family="mamba1", **settings):
+def make_trainer(run_dir, device, log=None, model_size="tiny", family="mamba1", lora=False, **settings):
     """A Trainer on random tokens, built the same way from the same seed every time (so two of them can be compared
-    step by step)."""
+    step by step); with lora, rank-4 adapters on the projections train and the base is frozen."""
     values = dict(model_size=model_size, family=family, vram="cpu", seq_len=64, micro_batch_size=4,
                   grad_accum_steps=2, lr=3e-3, warmup_steps=0, progress=False, device=device.type)
     values.update(settings)
@@ -42,6 +43,8 @@ def make_trainer(run_dir, device, log=None, model_size="tiny", family="mamba1", 
                                  val_tokens=rng.integers(0, VOCAB, 5_000, dtype=np.uint16))
     torch.manual_seed(0)
     model = build_model(model_config(model_size, VOCAB, family=family))
+    if lora:
+        apply_lora(model, LoRAConfig(targets=["in_proj", "dt_proj", "out_proj"], rank=4))
     precision = resolve_precision(cfg.precision, device)
     return Trainer(cfg, model, _Tok(), data, device, precision, DistInfo(), run_dir,
                    log=log if log is not None else (lambda *a, **k: None))
@@ -224,16 +227,18 @@ def _run(trainer, lrs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,family", [("fp32", "mamba1"), ("bf16", "mamba1"), ("bf16", "mamba2"),
-                                              ("bf16", "hybrid")])
-def test_gpu_captured_step_matches_eager(tmp_path, precision, family):
+@pytest.mark.parametrize("precision,family,lora", [("fp32", "mamba1", False), ("bf16", "mamba1", False),
+                                                   ("bf16", "mamba2", False), ("bf16", "hybrid", False),
+                                                   ("bf16", "mamba1", True)])
+def test_gpu_captured_step_matches_eager(tmp_path, precision, family, lora):
     """3 eager warm-up steps, then 5 replays (2 micro-batches each, a new lr each step), against 8 eager steps and,
-    as the measure of run-to-run noise (the scan's backward adds with atomics), against a second eager run."""
+    as the measure of run-to-run noise (the scan's backward adds with atomics), against a second eager run. With
+    LoRA only the adapters train (the frozen base gets no .grad, in or out of the graph)."""
     lrs = [3e-3, 2.5e-3, 2e-3, 3e-3, 1e-3, 2e-3, 1.5e-3, 1e-3]
     runs = {}
     for name, mode in (("eager", "off"), ("eager again", "off"), ("graph", "on")):
         trainer = make_trainer(tmp_path / name.replace(" ", "_"), CUDA, family=family, precision=precision,
-                               cuda_graph=mode)
+                               cuda_graph=mode, lora=lora)
         losses = _run(trainer, lrs)
         assert (trainer.captured is not None and trainer.captured.captured) == (mode == "on")
         runs[name] = (losses, _weights(trainer))
