@@ -8,7 +8,8 @@ torch.cuda.set_per_process_memory_fraction (standing in for a smaller GPU), the 
 exactly as train.py applies it, and two real optimizer steps of the Trainer run (forward, backward, clipping,
 fused AdamW; accumulation cut to 2 micro-batches, which does not change the peak). Reports the peak allocated
 and reserved memory against the budget, and whether the Trainer had to fall back (halve the micro-batch).
-speed: tokens/s of Trainer.train_step at a fixed layout, per scan backend, median of the timed steps.
+speed: tokens/s of Trainer.train_step at a fixed layout, per scan backend, median of the timed steps (the step
+replayed as CUDA graphs where the Trainer does so, --cuda_graph auto; off for the eager step).
 The token stream is random (memory and speed do not depend on the text).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from configs.vram import VRAM_CHOICES  # noqa: E402
 from models import MambaLanguageModel  # noqa: E402
 from training.config import resolve_config  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
+from training.graph_step import WARMUP_STEPS  # noqa: E402
 from training.memory import GIB, budget_bytes, fit_layout  # noqa: E402
 from training.precision import resolve_precision  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
@@ -133,12 +135,13 @@ def speed(args):
             cfg = resolve_config({"model_size": args.model_size, "vram": "48gb", "progress": False,
                                   "micro_batch_size": args.micro_batch_size, "grad_accum_steps": 1,
                                   "seq_len": args.seq_len, "gradient_checkpointing": ckpt_on, "scan_backend": backend,
-                                  "compile": args.compile},
+                                  "compile": args.compile, "cuda_graph": args.cuda_graph},
                                  device_type="cuda",
                                  total_memory_bytes=torch.cuda.get_device_properties(device).total_memory)
             _reset()
             trainer = _trainer(cfg, backend, data, device, Path(args.out) / f"speed-{backend}")
-            for _ in range(args.warmup):
+            graph = trainer.captured is not None
+            for _ in range(args.warmup + (WARMUP_STEPS if graph else 0)):   # the graphs: eager steps, then capture
                 trainer.train_step(1e-4)
             torch.cuda.synchronize()
             times = []
@@ -149,6 +152,7 @@ def speed(args):
             tokens = cfg.micro_batch_size * cfg.seq_len
             row = {"model_size": args.model_size, "backend": backend, "checkpointing": ckpt_on,
                    "batch": f"{cfg.micro_batch_size}x{cfg.seq_len}",
+                   "step": "graph" if graph and trainer.captured is not None else "eager",
                    "tokens_per_s": round(tokens / statistics.median(times)),
                    "ms_per_step": round(1000 * statistics.median(times), 1),
                    "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
@@ -174,6 +178,8 @@ def main():
     b.add_argument("--backends", nargs="+", default=["chunked", "triton"])
     b.add_argument("--checkpointing", nargs="+", type=lambda s: s == "1", default=[False])
     b.add_argument("--compile", action="store_true")
+    b.add_argument("--cuda_graph", default="auto", choices=["auto", "on", "off"],
+                   help="the Trainer's CUDA-graph step (training/graph_step.py)")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--out", default="/tmp/bench_train")

@@ -28,6 +28,7 @@ from configs.vram import CPU_PRESET, DEFAULT_MODEL_SIZE, VRAM_CHOICES, VRAM_PRES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCAN_BACKENDS = ("auto", "ref", "chunked", "triton")
 FAMILIES = ("mamba1", "mamba2", "hybrid")  # models/registry.py
+CUDA_GRAPH_MODES = ("auto", "on", "off")     # training/graph_step.py
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,7 @@ class TrainConfig:
     precision: str = "auto"                # auto (bf16 if the GPU has it, else fp16 + GradScaler; fp32 on CPU)
     scan_backend: str = "auto"             # scan backend: selective scan (mamba1) or SSD scan (mamba2), kernels/
     compile: bool = False                  # torch.compile the model
+    cuda_graph: str = "auto"               # each step as CUDA graph replays: auto (where the run allows; else eager, saying why), on, off
     # --- optimisation (set by the training preset)
     lr: float = 6e-4                       # peak learning rate
     min_lr_ratio: float = 0.1              # the cosine ends at lr * min_lr_ratio
@@ -111,6 +113,7 @@ class TrainConfig:
         _check_choice("vram", self.vram, ("auto", "cpu") + VRAM_CHOICES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scan_backend", self.scan_backend, SCAN_BACKENDS)
+        _check_choice("cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
         if self.model_size is not None:
             _check_choice("model_size", self.model_size, _model_sizes())
         if self.pattern is not None:

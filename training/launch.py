@@ -259,6 +259,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"precision {precision.name}, scan backend {backend}, "
         f"{'gradient checkpointing, ' if cfg.gradient_checkpointing else ''}"
         f"{'fused ' if trainer.fused else ''}AdamW{', torch.compile' if cfg.compile else ''})",
+        f"step         {trainer.step_kind}",
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
         f"schedule     {cfg.task} task, {cfg.training} preset: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",

@@ -8,6 +8,7 @@ is exact however the rows were split:
     loss(model, batch)              -> (sum of the loss over the piece's units, {metric: sum})
     eval_batches(batch_size, n)     -> deterministic validation batches
     sampler                         -> state_dict / load_state_dict for an exact resume
+    capture_blocker                 -> why a step of it cannot be a CUDA graph (training/graph_step.py), or None
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def sequence_logps(model, x, y) -> torch.Tensor:
 
 class LMObjective:
     """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData)."""
+
+    capture_blocker = None      # fixed (batch, seq_len) windows, a fixed token count: a step replays as a CUDA graph
 
     def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.val_tokens, self.seq_len = data.val_tokens, seq_len
@@ -79,6 +82,9 @@ class _ExampleObjective:
 class SFTObjective(_ExampleObjective):
     """Cross-entropy on the assistant tokens only (labels elsewhere are -100); rows right-padded."""
 
+    capture_blocker = ("task sft: batches are padded to their longest example (shapes vary) and the loss is scaled "
+                       "by a token count read on the host")
+
     def collate(self, examples):
         return collate(examples, self.pad_id)                                   # x, y: (b, L)
 
@@ -101,6 +107,8 @@ class DPOObjective(_ExampleObjective):
     Metrics as TRL names them: rewards/chosen = beta (log pi(c) - log ref(c)), rewards/rejected likewise,
     rewards/margins = their difference, rewards/accuracies = share of pairs with chosen reward > rejected.
     """
+
+    capture_blocker = "task dpo: batches are padded to their longest pair (shapes vary)"
 
     def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1):
         super().__init__(data, batch_size, pad_id, seed, rank, world_size)

@@ -7,6 +7,9 @@ One optimizer step:
     unscale (fp16), clip, check loss and grad norm are finite, then step or skip
 If the GPU runs out of memory mid-step the gradients are dropped, micro_split is halved (so twice as many
 passes carry the same rows: the effective batch and the data stream do not change) and the step is redone.
+
+On a GPU the same step is replayed as CUDA graphs after a few eager warm-up steps (training/graph_step.py,
+--cuda_graph): the forward, backward and clipping of all micro-batches in one replay, the AdamW step in another.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo
+from .graph_step import WARMUP_STEPS, CapturedStep, CaptureFailed, capture_blocker, use_cuda_graph
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at
 from .precision import Precision
@@ -89,6 +93,8 @@ class Trainer:
         self.can_evaluate = objective.can_evaluate()
         if resume_state is not None:
             self.load_state(resume_state)
+        self.captured, self.step_kind = self._choose_step()
+        self.warmup_left = WARMUP_STEPS         # eager steps before the capture
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resume_state else None,
                                      wandb=cfg.wandb, tensorboard=cfg.tensorboard,
                                      config=cfg.to_dict()) if dist.is_main else None
@@ -135,6 +141,27 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------------------
 
+    def _choose_step(self) -> tuple[CapturedStep | None, str]:
+        """The CUDA-graph step if this run allows it and --cuda_graph wants it; and the start-up line saying which
+        step runs and, where it is eager under auto, why."""
+        blocker = capture_blocker(self.device, self.precision.name, self.dist.enabled, self.cfg.gradient_checkpointing,
+                                  self.cfg.compile, self.objective.capture_blocker, self.raw_model)
+        if blocker is None and self.micro_split != self.cfg.micro_batch_size:
+            blocker = f"the micro-batch was halved to {self.micro_split} after running out of memory"
+        if not use_cuda_graph(self.cfg.cuda_graph, blocker):
+            return None, ("eager (--cuda_graph off)" if self.cfg.cuda_graph == "off" else
+                          f"eager, no CUDA graph: {blocker}")
+        captured = CapturedStep(self._accumulate_and_clip, self.optimizer, self.device)
+        return captured, (f"CUDA graphs (forward + backward + clip, then AdamW: two replays per step) after "
+                          f"{WARMUP_STEPS} eager steps; --cuda_graph off for eager")
+
+    def _stop_capturing(self, why: str) -> None:
+        """Step eagerly from now on, saying why (one line)."""
+        self.captured.release()
+        self.captured = None
+        self.step_kind = f"eager, no CUDA graph: {why}"
+        self.log(f"\nCUDA graph off from step {self.step + 1}: {why}; the steps run eagerly")
+
     def _forward_backward(self, batches) -> torch.Tensor:
         """Accumulate gradients of the mean loss over `batches`; returns that loss (a 0-d tensor).
 
@@ -159,11 +186,57 @@ class Trainer:
         self.step_metrics = metrics
         return loss_sum
 
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Unscale (fp16) and clip the accumulated gradients; returns the norm before clipping (a 0-d tensor)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+
+    def _accumulate_and_clip(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the first CUDA graph holds: the eager step's own forward/backward and clipping, on device batches."""
+        loss = self._forward_backward(batches)
+        return loss, self._unscale_and_clip()
+
+    def _read_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
+        """The step's mean loss over ranks, its grad norm and whether both are finite; the one device sync."""
+        # the stop flag rides on the loss's all-reduce: every rank learns of a signal at the same step, for free
+        flag = torch.tensor(1.0 if self.stopper.requested else 0.0, device=loss.device)
+        summed = dist_utils.all_reduce_sum(torch.stack([loss.detach().float(), flag]))
+        stats = torch.stack([summed[0] / self.dist.world_size, grad_norm.float(), summed[1]]).tolist()
+        loss_value, norm_value, stop_flag = stats                      # one device sync per step
+        self.stop_everywhere = stop_flag > 0
+        return loss_value, norm_value, math.isfinite(loss_value) and math.isfinite(norm_value)
+
     def train_step(self, lr: float) -> tuple[float, float, bool]:
         """One optimizer step at learning rate `lr`. Returns (loss, grad_norm, finite)."""
         batches = [self.objective.next_batch() for _ in range(self.cfg.grad_accum_steps)]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.captured is not None and self.warmup_left == 0:
+            try:
+                return self._replayed_step(batches, lr)
+            except CaptureFailed as err:
+                self._stop_capturing(str(err))      # nothing of this step ran: it runs eagerly below
+        if self.captured is None:
+            return self._eager_step(batches)
+        with self.captured.warmup():
+            result = self._eager_step(batches)
+        self.warmup_left -= 1
+        return result
+
+    def _replayed_step(self, batches, lr: float) -> tuple[float, float, bool]:
+        """train_step as two CUDA-graph replays (captured at the first call): the same computation as _eager_step."""
+        if self.micro_split != self.cfg.micro_batch_size:
+            raise CaptureFailed(f"the micro-batch was halved to {self.micro_split} after running out of memory")
+        loss, grad_norm = self.captured.forward_backward(batches, lr)
+        loss_value, norm_value, finite = self._read_step(loss, grad_norm)
+        if finite:
+            self.captured.optimizer_step()
+        # no zero_grad: the graph's .grad tensors stay; the next replay's first backward overwrites them
+        return loss_value, norm_value, finite
+
+    def _eager_step(self, batches) -> tuple[float, float, bool]:
+        """train_step op by op, halving the micro-batch and redoing the step when the GPU runs out of memory."""
         while True:
             try:
                 loss = self._forward_backward(batches)
@@ -183,16 +256,7 @@ class Trainer:
                      f"{passes} passes per step (same {self.cfg.tokens_per_step:,} tokens per step); "
                      f"redoing the step")
 
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # the stop flag rides on the loss's all-reduce: every rank learns of a signal at the same step, for free
-        flag = torch.tensor(1.0 if self.stopper.requested else 0.0, device=loss.device)
-        summed = dist_utils.all_reduce_sum(torch.stack([loss.detach().float(), flag]))
-        stats = torch.stack([summed[0] / self.dist.world_size, grad_norm.float(), summed[1]]).tolist()
-        loss_value, norm_value, stop_flag = stats                      # one device sync per step
-        self.stop_everywhere = stop_flag > 0
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        loss_value, norm_value, finite = self._read_step(loss, self._unscale_and_clip())
         if self.scaler.is_enabled():
             if finite:
                 self.scaler.step(self.optimizer)    # still skips by itself if fp16 grads overflowed
@@ -204,9 +268,22 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks)."""
+        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks).
+
+        Beside captured graphs, whose memory pool stays reserved, evaluation needs its own memory: if that runs
+        out, the graphs are dropped (one line says so) and the evaluation is redone."""
+        if self.captured is None or not self.captured.captured:
+            return self._evaluate()
+        try:
+            return self._evaluate()
+        except torch.OutOfMemoryError:
+            pass    # handled outside the except block, whose traceback still holds the failed pass
+        self._stop_capturing("evaluation ran out of GPU memory beside the graphs' memory")
+        return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         self.raw_model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss sum, count)
         batches = self.objective.eval_batches(self.micro_split, self.cfg.eval_batches)
