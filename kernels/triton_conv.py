@@ -46,7 +46,9 @@ from .causal_conv import channels_contiguous, empty_like_order
 from .backends import triton_interpreting
 
 NUM_WARPS = 4
-BWD_SEGMENT = 256           # time steps one backward program walks (its dw/dbias partial covers them)
+BWD_SEGMENT = 256           # time steps one program of the tiles backward walks
+ROWS_WARPS = 1              # warps per program of the rows backward (its BLOCK_D is 32 x 16 bytes per warp)
+ROWS_SEGMENT = 64           # time steps one program of the rows backward walks
 
 
 @triton.jit
@@ -114,9 +116,9 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
+def _conv_bwd_tiles_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
-    dim, seqlen, n_segs,
+    dim, seqlen,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TIME_BLOCKS: tl.constexpr,
@@ -162,11 +164,130 @@ def _conv_bwd_kernel(
         tl.store(dx_base + offs_t[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
                  mask=mask_t[:, None] & mask_d[None, :])
 
-    # One fp32 partial per (batch, time segment): dw (b * n_segs, d, K), dbias (b * n_segs, d).
-    part = pid_b * n_segs + pid_s
-    tl.store(dw_ptr + (part * dim + offs_d[None, :]) * K + offs_k[:, None], dw_acc,
-             mask=(offs_k < K)[:, None] & mask_d[None, :])
-    tl.store(db_ptr + part * dim + offs_d, db_acc, mask=mask_d)
+    # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
+    tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw_acc, mask=(offs_k < K)[:, None] & mask_d[None, :],
+                  sem="relaxed")
+    tl.atomic_add(db_ptr + offs_d, db_acc, mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _row(tile, offs_r, r: tl.constexpr):
+    """Row r of a (R, BD) tile as (BD,). When every row of the tile sits in one thread's registers (the rows
+    kernel's tile), the select and the sum fold away at compile time into register moves; -0.0 is the identity of
+    the sum (x + -0.0 == x for every x, so nothing is left to add)."""
+    return tl.sum(tl.where(offs_r[:, None] == r, tile, -0.0), axis=0)
+
+
+@triton.jit
+def _shift_rows(cur, other, offs_r, S: tl.constexpr, BL: tl.constexpr):
+    """A (BL, BD) tile's rows moved by S (|S| <= BL): out[r] = cur[r + S] where that row is in the tile, else the
+    neighbouring tile's row: other[r + S + BL] (S < 0, `other` is the tile before) or other[r + S - BL] (S > 0,
+    the tile after). Register moves only (see _row)."""
+    out = cur
+    if S != 0:
+        for r in tl.static_range(BL):
+            if r + S < 0:
+                v = _row(other, offs_r, r + S + BL)
+            elif r + S >= BL:
+                v = _row(other, offs_r, r + S - BL)
+            else:
+                v = _row(cur, offs_r, r + S)
+            out = tl.where(offs_r[:, None] == r, v[None, :], out)
+    return out
+
+
+@triton.jit
+def _load_rows(base, offs_t, mask_d, seqlen, s_l, other_row_mask):
+    """Rows offs_t (BL,) of a (b, d, l) operand at the program's channels as fp32 (BL, BD); rows outside [0, l) and
+    rows where other_row_mask is False are 0."""
+    valid = (offs_t >= 0) & (offs_t < seqlen) & other_row_mask
+    return tl.load(base + offs_t[:, None] * s_l, mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    dim, seqlen, seg_len,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: BLOCK_D channels of one batch element over seg_len time steps, walked forward BLOCK_L rows at
+    a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
+    from the tile and its neighbour (x: the tile before, carried; g: the tile after, so dx is written one tile
+    behind) by register moves, never by loads or recomputation."""
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_L)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < dim
+
+    w_all = tl.load(w_ptr + offs_d[None, :] * s_wd + offs_k[:, None] * s_wk,
+                    mask=(offs_k < K)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)     # (BK, BD)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_base = x_ptr + pid_b * s_xb + offs_d[None, :] * s_xd
+    dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
+    dx_base = dx_ptr + pid_b * s_dxb + offs_d[None, :] * s_dxd
+    m_base = m_ptr + pid_b * s_mb
+
+    seg_start = pid_s * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, seqlen)
+    all_rows = offs_r >= 0
+    # The tile before the segment: its last K-1 rows are the first tile's x halo.
+    offs_t = seg_start - BLOCK_L + offs_r
+    keep = all_rows
+    if HAS_MASK:
+        keep = tl.load(m_base + offs_t * s_ml, mask=(offs_t >= 0) & (offs_t < seqlen), other=0) != 0
+    x_prev = _load_rows(x_base, offs_t, mask_d, seqlen, s_xl, keep)
+    g_prev = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    keep_prev = keep
+    dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # One tile more than the segment holds (seg_len is a multiple of BLOCK_L): the last iteration computes the g
+    # rows after the segment that its last dx rows need (0 past the end of the sequence, where dy is 0) and writes
+    # the last tile's dx. A ragged last segment runs the same count, its rows past the end masked.
+    t0 = seg_start
+    while t0 <= seg_start + seg_len:    # (a while loop: Triton's interpreter cannot range() over a run-time bound)
+        offs_t = t0 + offs_r
+        keep = all_rows
+        if HAS_MASK:
+            keep = tl.load(m_base + offs_t * s_ml, mask=offs_t < seqlen, other=0) != 0
+        x = _load_rows(x_base, offs_t, mask_d, seqlen, s_xl, keep)                          # (BL, BD)
+        g = _load_rows(dy_base, offs_t, mask_d, seqlen, s_dyl, all_rows)
+        if SILU:
+            pre = bias[None, :] + _row(w_all, offs_k, K - 1)[None, :] * x
+            for j in tl.static_range(K - 1):
+                pre += _row(w_all, offs_k, j)[None, :] * _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L)
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        # dw[j] += sum_t g[t] x[t - (K-1) + j] and dbias += sum_t g[t], over the segment's own rows
+        g_own = tl.where((offs_t < seg_end)[:, None], g, 0.0)
+        db_acc += tl.sum(g_own, axis=0)
+        for j in tl.static_range(K):
+            part = tl.sum(g_own * _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L), axis=0)
+            dw_acc += tl.where(offs_k[:, None] == j, part[None, :], -0.0)
+        # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s]
+        dx = _row(w_all, offs_k, K - 1)[None, :] * g_prev
+        for s in tl.static_range(1, K):
+            dx += _row(w_all, offs_k, K - 1 - s)[None, :] * _shift_rows(g_prev, g, offs_r, s, BLOCK_L)
+        dx = tl.where(keep_prev[:, None], dx, 0.0)                      # masked inputs were zeros: no gradient
+        offs_p = offs_t - BLOCK_L
+        tl.store(dx_base + offs_p[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
+                 mask=((offs_p >= seg_start) & (offs_p < seg_end))[:, None] & mask_d[None, :])
+        x_prev = x
+        g_prev = g
+        keep_prev = keep
+        t0 += BLOCK_L
+
+    # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
+    tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw_acc, mask=(offs_k < K)[:, None] & mask_d[None, :],
+                  sem="relaxed")
+    tl.atomic_add(db_ptr + offs_d, db_acc, mask=mask_d, sem="relaxed")
 
 
 def _tile(x: torch.Tensor, wide: int, narrow: int) -> tuple[int, int]:
@@ -182,11 +303,23 @@ def fwd_config(x: torch.Tensor) -> dict:
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=NUM_WARPS)
 
 
-def bwd_config(x: torch.Tensor, k: int) -> dict:
+def bwd_tiles_config(x: torch.Tensor, k: int) -> dict:
     block_l, block_d = _tile(x, 64, 32)
     time_blocks = max(1, min(triton.cdiv(x.shape[2], block_l), BWD_SEGMENT // block_l))
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), TIME_BLOCKS=time_blocks,
                 num_warps=NUM_WARPS)
+
+
+def bwd_rows_config(x: torch.Tensor, k: int, warps: int = ROWS_WARPS, segment: int = ROWS_SEGMENT) -> dict:
+    """The rows kernel's tile: BLOCK_D = one 16-byte vector per thread across all the warps' threads (so that each
+    thread holds whole columns of the tile), narrower for small d; BLOCK_L = the smallest power of two >= K - 1
+    (a shift reaches one neighbouring tile at most), at least 4."""
+    vec = 16 // x.element_size()
+    block_d = min(vec * 32 * warps, triton.next_power_of_2(x.shape[1]))
+    block_l = max(4, triton.next_power_of_2(k - 1))
+    seg_len = max(block_l, min(segment, triton.cdiv(x.shape[2], block_l) * block_l) // block_l * block_l)
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), SEG_LEN=seg_len,
+                num_warps=max(1, min(warps, block_d // (vec * 32))))
 
 
 def _mask_arg(mask, x):
@@ -216,31 +349,49 @@ def conv_fwd(x, weight, bias, mask, silu: bool) -> torch.Tensor:
     return y
 
 
-def conv_bwd(x, weight, bias, mask, dy, silu: bool):
-    """Launch the backward. Returns dx (x's dtype and dim order), dweight (weight's dtype), dbias ((d,) in bias's
-    dtype; zeros in weight's dtype when there is no bias)."""
+BWD_KERNELS = ("auto", "rows", "tiles")
+
+
+def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **config):
+    """Launch the backward: one kernel, which also sums the weight and bias gradients (fp32 atomics into one
+    zeroed buffer). kernel: "rows" (channels-contiguous x, the model's layout), "tiles" (any layout), or "auto";
+    config overrides the chosen kernel's tile (bench/bench_conv.py's sweep).
+
+    Returns dx (x's dtype and dim order) and dwb: fp32 (d * K + d,), dweight (d, K) then dbias (d,) (see
+    `split_weight_grads`)."""
     batch, dim, seqlen = x.shape
     k = weight.shape[1]
     dx = empty_like_order(x)
+    dwb = torch.zeros(dim * (k + 1), device=x.device, dtype=torch.float32)
     if dx.numel() == 0:
-        return dx, torch.zeros_like(weight), weight.new_zeros(dim, dtype=(bias if bias is not None else weight).dtype)
-    cfg = bwd_config(x, k)
-    n_segs = triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"])
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dw_part = torch.empty(batch * n_segs, dim, k, **f32)
-    db_part = torch.empty(batch * n_segs, dim, **f32)
+        return dx, dwb
+    if kernel == "auto":
+        kernel = "rows" if channels_contiguous(x) else "tiles"
     m, s_mb, s_ml = _mask_arg(mask, x)
-    grid = (n_segs, triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, m, dy, dx, dw_part, db_part,
-        dim, seqlen, n_segs,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
-        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, **cfg,
-    )
-    dweight = dw_part.sum(0).to(weight.dtype)                                       # (d, k)
-    dbias = db_part.sum(0).to((bias if bias is not None else weight).dtype)         # (d,)
-    return dx, dweight, dbias
+    args = (x, weight, bias if bias is not None else weight, m, dy, dx, dwb[:dim * k], dwb[dim * k:])
+    strides = (x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
+               dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2))
+    flags = dict(K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu)
+    if kernel == "rows":
+        cfg = bwd_rows_config(x, k, **config)
+        seg_len = cfg.pop("SEG_LEN")
+        grid = (triton.cdiv(seqlen, seg_len), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+        _conv_bwd_rows_kernel[grid](*args, dim, seqlen, seg_len, *strides, **flags, **cfg)
+    elif kernel == "tiles":
+        cfg = dict(bwd_tiles_config(x, k), **config)
+        grid = (triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+        _conv_bwd_tiles_kernel[grid](*args, dim, seqlen, *strides, **flags, **cfg)
+    else:
+        raise ValueError(f"kernel must be one of {BWD_KERNELS}, got {kernel!r}")
+    return dx, dwb
+
+
+def split_weight_grads(dwb, weight, bias):
+    """conv_bwd's fp32 buffer -> dweight (d, K) in weight's dtype and dbias (d,) in bias's dtype (None without a
+    bias): views of the buffer when the dtypes are fp32 (no copy, no launch)."""
+    dim, k = weight.shape
+    dweight = dwb[:dim * k].view(dim, k).to(weight.dtype)
+    return dweight, (dwb[dim * k:].to(bias.dtype) if bias is not None else None)
 
 
 # ---------------------------------------------------------------- torch custom ops (one graph node each)
@@ -259,15 +410,13 @@ def _(x, weight, bias, mask, silu):
 @torch.library.custom_op("mamba_trainer::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          mask: Optional[torch.Tensor], dy: torch.Tensor,
-                         silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return conv_bwd(x, weight, bias, mask, dy, silu)
 
 
 @causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, mask, dy, silu):
-    dbias_dtype = (bias if bias is not None else weight).dtype
-    return empty_like_order(x), torch.empty_like(weight, memory_format=torch.contiguous_format), \
-        weight.new_empty(weight.shape[0], dtype=dbias_dtype)
+    return empty_like_order(x), weight.new_empty(weight.shape[0] * (weight.shape[1] + 1), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -278,8 +427,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, bias, mask = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
-    return dx, dweight, (dbias if bias is not None else None), None, None
+    dx, dwb = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
+    dweight, dbias = split_weight_grads(dwb, weight, bias)
+    return dx, dweight, dbias, None, None
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
