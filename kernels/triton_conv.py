@@ -41,14 +41,21 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .causal_conv import channels_contiguous, empty_like_order
 from .backends import triton_interpreting
 
 NUM_WARPS = 4
 BWD_SEGMENT = 256           # time steps one program of the tiles backward walks
-ROWS_WARPS = 1              # warps per program of the rows backward (its BLOCK_D is 32 x 16 bytes per warp)
-ROWS_SEGMENT = 64           # time steps one program of the rows backward walks
+# The rows backward (channels-contiguous x): 4 channels per thread (8-byte bf16 loads; 16-byte vectors would
+# double every tile's registers), ROWS_WARPS warps of 128 channels per program, ROWS_SEGMENT time steps each,
+# the next tile's loads issued before the current tile's arithmetic (ROWS_PREFETCH). bench/bench_conv.py --sweep
+# times the alternatives.
+ROWS_VEC = 4
+ROWS_WARPS = 1
+ROWS_SEGMENT = 128
+ROWS_PREFETCH = True
 
 
 @triton.jit
@@ -171,11 +178,17 @@ def _conv_bwd_tiles_kernel(
 
 
 @triton.jit
+def _neg_zero():
+    """-0.0 as fp32, made from its bits: Triton's frontend turns a literal -0.0 into +0.0."""
+    return tl.full((1,), -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _row(tile, offs_r, r: tl.constexpr):
     """Row r of a (R, BD) tile as (BD,). When every row of the tile sits in one thread's registers (the rows
     kernel's tile), the select and the sum fold away at compile time into register moves; -0.0 is the identity of
-    the sum (x + -0.0 == x for every x, so nothing is left to add)."""
-    return tl.sum(tl.where(offs_r[:, None] == r, tile, -0.0), axis=0)
+    the sum (x + -0.0 == x for every x, so nothing is left to add; x + 0.0 is not, for x = -0.0)."""
+    return tl.sum(tl.where(offs_r[:, None] == r, tile, _neg_zero()), axis=0)
 
 
 @triton.jit
@@ -197,11 +210,33 @@ def _shift_rows(cur, other, offs_r, S: tl.constexpr, BL: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, offs_t, mask_d, seqlen, s_l, other_row_mask):
-    """Rows offs_t (BL,) of a (b, d, l) operand at the program's channels as fp32 (BL, BD); rows outside [0, l) and
-    rows where other_row_mask is False are 0."""
-    valid = (offs_t >= 0) & (offs_t < seqlen) & other_row_mask
-    return tl.load(base + offs_t[:, None] * s_l, mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    """1 / (1 + exp(-x)) in fp32. FAST_MATH (compiled kernels): the approximate exp and division (ex2.approx.ftz,
+    div.approx: a few ulp) in 4 instructions instead of tl.sigmoid's ~16, whose range handling (denormal
+    exponents, divisors past 2^126) changes nothing here; the interpreter has no libdevice and takes tl.sigmoid."""
+    if FAST_MATH:
+        return libdevice.fast_dividef(1.0, 1.0 + libdevice.fast_expf(-x))
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK: tl.constexpr):
+    """(BL,) bool: False at masked (left-padding) rows; True everywhere without a mask."""
+    if HAS_MASK:
+        return tl.load(m_base + offs_t * s_ml, mask=(offs_t >= 0) & (offs_t < seqlen), other=0) != 0
+    else:
+        return offs_t == offs_t
+
+
+@triton.jit
+def _load_rows(base, m_base, offs_t, mask_d, seqlen, s_l, s_ml, HAS_MASK: tl.constexpr):
+    """Rows offs_t (BL,) of a (b, d, l) operand at the program's channels, (BL, BD) in its dtype; rows outside
+    [0, l) and masked rows (HAS_MASK) are 0."""
+    valid = (offs_t >= 0) & (offs_t < seqlen)
+    if HAS_MASK:
+        valid = valid & _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
+    return tl.load(base + offs_t[:, None] * s_l, mask=valid[:, None] & mask_d[None, :], other=0.0)
 
 
 @triton.jit
@@ -210,7 +245,8 @@ def _conv_bwd_rows_kernel(
     dim, seqlen, seg_len,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    PREFETCH: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """One program: BLOCK_D channels of one batch element over seg_len time steps, walked forward BLOCK_L rows at
     a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
@@ -220,7 +256,7 @@ def _conv_bwd_rows_kernel(
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.max_contiguous(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), VEC)
     offs_k = tl.arange(0, BLOCK_K)
     mask_d = offs_d < dim
 
@@ -237,40 +273,50 @@ def _conv_bwd_rows_kernel(
 
     seg_start = pid_s * seg_len
     seg_end = tl.minimum(seg_start + seg_len, seqlen)
-    all_rows = offs_r >= 0
     # The tile before the segment: its last K-1 rows are the first tile's x halo.
-    offs_t = seg_start - BLOCK_L + offs_r
-    keep = all_rows
-    if HAS_MASK:
-        keep = tl.load(m_base + offs_t * s_ml, mask=(offs_t >= 0) & (offs_t < seqlen), other=0) != 0
-    x_prev = _load_rows(x_base, offs_t, mask_d, seqlen, s_xl, keep)
+    x_prev = _load_rows(x_base, m_base, seg_start - BLOCK_L + offs_r, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+    x_prev = x_prev.to(tl.float32)
     g_prev = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    keep_prev = keep
+    keep_prev = _keep_rows(m_base, seg_start - BLOCK_L + offs_r, seqlen, s_ml, HAS_MASK)
     dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # One tile more than the segment holds (seg_len is a multiple of BLOCK_L): the last iteration computes the g
-    # rows after the segment that its last dx rows need (0 past the end of the sequence, where dy is 0) and writes
-    # the last tile's dx. A ragged last segment runs the same count, its rows past the end masked.
+    # PREFETCH: each iteration loads the next tile before it works on the one loaded by the iteration before (its
+    # loads are in flight during the arithmetic; ~35 more registers per thread). One tile more than the segment holds (seg_len is a multiple of BLOCK_L):
+    # the last iteration computes the g rows after the segment that its last dx rows need (0 past the end of the
+    # sequence, where dy is 0) and writes the last tile's dx. A ragged last segment runs the same count, its rows
+    # past the end masked.
+    x_next = x_prev
+    dy_next = x_prev
+    if PREFETCH:
+        x_next = _load_rows(x_base, m_base, seg_start + offs_r, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+        dy_next = _load_rows(dy_base, m_base, seg_start + offs_r, mask_d, seqlen, s_dyl, s_ml, False)
     t0 = seg_start
     while t0 <= seg_start + seg_len:    # (a while loop: Triton's interpreter cannot range() over a run-time bound)
         offs_t = t0 + offs_r
-        keep = all_rows
-        if HAS_MASK:
-            keep = tl.load(m_base + offs_t * s_ml, mask=offs_t < seqlen, other=0) != 0
-        x = _load_rows(x_base, offs_t, mask_d, seqlen, s_xl, keep)                          # (BL, BD)
-        g = _load_rows(dy_base, offs_t, mask_d, seqlen, s_dyl, all_rows)
+        if PREFETCH:
+            x = x_next.to(tl.float32)                                                        # (BL, BD)
+            g = dy_next.to(tl.float32)
+            x_next = _load_rows(x_base, m_base, offs_t + BLOCK_L, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+            dy_next = _load_rows(dy_base, m_base, offs_t + BLOCK_L, mask_d, seqlen, s_dyl, s_ml, False)
+        else:
+            x = _load_rows(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK).to(tl.float32)
+            g = _load_rows(dy_base, m_base, offs_t, mask_d, seqlen, s_dyl, s_ml, False).to(tl.float32)
         if SILU:
             pre = bias[None, :] + _row(w_all, offs_k, K - 1)[None, :] * x
             for j in tl.static_range(K - 1):
                 pre += _row(w_all, offs_k, j)[None, :] * _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L)
-            sig = tl.sigmoid(pre)
+            sig = _sigmoid(pre, FAST_MATH)
             g = g * sig * (1.0 + pre * (1.0 - sig))
-        # dw[j] += sum_t g[t] x[t - (K-1) + j] and dbias += sum_t g[t], over the segment's own rows
-        g_own = tl.where((offs_t < seg_end)[:, None], g, 0.0)
-        db_acc += tl.sum(g_own, axis=0)
-        for j in tl.static_range(K):
-            part = tl.sum(g_own * _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L), axis=0)
-            dw_acc += tl.where(offs_k[:, None] == j, part[None, :], -0.0)
+        # dw[j] += sum_t g[t] x[t - (K-1) + j] and dbias += sum_t g[t] over the segment's own tiles (all but the
+        # last iteration's; rows past the end of the sequence have g = 0), one fused multiply-add per row into the
+        # accumulator
+        if t0 < seg_start + seg_len:
+            db_acc += tl.sum(g, axis=0)
+            for j in tl.static_range(K):
+                xs = _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L)
+                for r in tl.static_range(BLOCK_L):
+                    dw_acc += tl.where(offs_k[:, None] == j, (_row(g, offs_r, r) * _row(xs, offs_r, r))[None, :],
+                                       _neg_zero())
         # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s]
         dx = _row(w_all, offs_k, K - 1)[None, :] * g_prev
         for s in tl.static_range(1, K):
@@ -281,7 +327,7 @@ def _conv_bwd_rows_kernel(
                  mask=((offs_p >= seg_start) & (offs_p < seg_end))[:, None] & mask_d[None, :])
         x_prev = x
         g_prev = g
-        keep_prev = keep
+        keep_prev = _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
         t0 += BLOCK_L
 
     # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
@@ -310,16 +356,17 @@ def bwd_tiles_config(x: torch.Tensor, k: int) -> dict:
                 num_warps=NUM_WARPS)
 
 
-def bwd_rows_config(x: torch.Tensor, k: int, warps: int = ROWS_WARPS, segment: int = ROWS_SEGMENT) -> dict:
-    """The rows kernel's tile: BLOCK_D = one 16-byte vector per thread across all the warps' threads (so that each
-    thread holds whole columns of the tile), narrower for small d; BLOCK_L = the smallest power of two >= K - 1
-    (a shift reaches one neighbouring tile at most), at least 4."""
-    vec = 16 // x.element_size()
-    block_d = min(vec * 32 * warps, triton.next_power_of_2(x.shape[1]))
+def bwd_rows_config(x: torch.Tensor, k: int, warps: int = ROWS_WARPS, segment: int = ROWS_SEGMENT,
+                    prefetch: bool = ROWS_PREFETCH) -> dict:
+    """The rows kernel's tile: BLOCK_D = ROWS_VEC channels per thread across all the warps' threads (so that each
+    thread holds whole columns of the tile: the row shifts are register moves), narrower for small d; BLOCK_L =
+    the smallest power of two >= K - 1 (a shift reaches one neighbouring tile at most), at least 4; SEG_LEN =
+    `segment` rounded to whole tiles, at most the sequence."""
+    block_d = min(ROWS_VEC * 32 * warps, triton.next_power_of_2(x.shape[1]))
     block_l = max(4, triton.next_power_of_2(k - 1))
     seg_len = max(block_l, min(segment, triton.cdiv(x.shape[2], block_l) * block_l) // block_l * block_l)
-    return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), SEG_LEN=seg_len,
-                num_warps=max(1, min(warps, block_d // (vec * 32))))
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), VEC=ROWS_VEC,
+                PREFETCH=prefetch, SEG_LEN=seg_len, num_warps=max(1, min(warps, block_d // (ROWS_VEC * 32))))
 
 
 def _mask_arg(mask, x):
@@ -376,7 +423,8 @@ def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **conf
         cfg = bwd_rows_config(x, k, **config)
         seg_len = cfg.pop("SEG_LEN")
         grid = (triton.cdiv(seqlen, seg_len), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-        _conv_bwd_rows_kernel[grid](*args, dim, seqlen, seg_len, *strides, **flags, **cfg)
+        _conv_bwd_rows_kernel[grid](*args, dim, seqlen, seg_len, *strides, **flags, **cfg,
+                                    FAST_MATH=not triton_interpreting())
     elif kernel == "tiles":
         cfg = dict(bwd_tiles_config(x, k), **config)
         grid = (triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
