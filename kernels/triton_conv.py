@@ -21,14 +21,26 @@ saved):
     dw[j]      = sum_{b,t} g[t] * x[t - (k-1) + j]
     dbias      = sum_{b,t} g[t]
 
-Register tiles cannot be shifted along time, so the g[t + i] of dx are recomputed from shifted loads of x and dy
-(k pre-activations per element; the loads are L1/L2 hits). A program walks TIME_BLOCKS tiles down the sequence,
-summing dw and dbias in registers, and writes one fp32 partial per (batch, time segment); the launcher sums them
-(a few MB at most, deterministic, no atomics).
+The weight and bias gradients are summed inside the kernel: each program adds its fp32 share into one zeroed
+buffer (d * k + d,) with atomics (order-dependent in the last bits, like the scan's dA and dD); the autograd
+formula hands out dweight and dbias as views of it. So a layer's conv backward is one fill and one kernel, no
+reductions (it was a kernel and two torch sums of per-program partials).
 
-Not measured yet (written without a GPU): the backward evaluates k sigmoids per element (two SFU instructions each),
-which at k = 4 may bound it above the DRAM floor; if bench/bench_conv.py shows that, shifting one g tile through
-shared memory (tl.gather) instead of recomputing it is the next step.
+Two kernels, one per layout (conv_bwd picks):
+
+- rows (_conv_bwd_rows_kernel), channels-contiguous x (the model's token-major layout). A program owns BLOCK_D
+  channels of one batch element and walks a segment of time BLOCK_L rows (4) at a time. Its tile is laid out with
+  every row of a column in one thread (4 channels per thread, 8-byte loads along the contiguous channels), so
+  moving rows is a register move: each tile's g is computed once (one sigmoid per element), and the shifted
+  copies that pre (x shifted back), dw, and dx (g shifted forward) need come from the tile and its neighbour:
+  the tile before for x (carried), the tile after for g (so dx is written one tile behind). DRAM sees x and dy
+  read once and dx written once, plus a tile per segment. ~34 instructions per element, 157 registers
+  (tests/test_causal_conv.py checks the sm_90 build for spills).
+- tiles (_conv_bwd_tiles_kernel), any layout: register tiles that cannot be shifted along time, so the g[t + i]
+  of dx are recomputed from shifted loads of x and dy (k pre-activations per element; the loads are L1/L2 hits).
+  A program walks TIME_BLOCKS tiles down the sequence, summing dw and dbias in registers. It was the only
+  backward until the rows one: 0.42 ms at (8, 2048, 1536, 4) bf16 on the H200 against the forward's 0.04 ms
+  (k sigmoids and k^2 + 2k loads per element). bench/bench_conv.py times both.
 
 Both launchers are wrapped as torch custom ops (mamba_trainer::causal_conv1d_fwd and ::causal_conv1d_bwd, the
 latter the former's registered autograd), with fake implementations that allocate exactly what the kernels return,
@@ -178,43 +190,52 @@ def _conv_bwd_tiles_kernel(
 
 
 @triton.jit
-def _neg_zero():
-    """-0.0 as fp32, made from its bits: Triton's frontend turns a literal -0.0 into +0.0."""
-    return tl.full((1,), -2147483648, tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _row(tile, offs_r, r: tl.constexpr):
-    """Row r of a (R, BD) tile as (BD,). When every row of the tile sits in one thread's registers (the rows
-    kernel's tile), the select and the sum fold away at compile time into register moves; -0.0 is the identity of
-    the sum (x + -0.0 == x for every x, so nothing is left to add; x + 0.0 is not, for x = -0.0)."""
-    return tl.sum(tl.where(offs_r[:, None] == r, tile, _neg_zero()), axis=0)
-
-
-@triton.jit
-def _shift_rows(cur, other, offs_r, S: tl.constexpr, BL: tl.constexpr):
+def _shift_rows(cur, other, offs_r, neg_zero, S: tl.constexpr, BL: tl.constexpr, COMPILED: tl.constexpr):
     """A (BL, BD) tile's rows moved by S (|S| <= BL): out[r] = cur[r + S] where that row is in the tile, else the
     neighbouring tile's row: other[r + S + BL] (S < 0, `other` is the tile before) or other[r + S - BL] (S > 0,
-    the tile after). Register moves only (see _row)."""
+    the tile after).
+
+    COMPILED: each row is picked by a select and a sum over rows; with every row of the tile in one thread's
+    registers (the rows kernel's tile) both fold away at compile time into register moves (tl.gather would not:
+    it compiles to shuffles and selects). neg_zero is -0.0, the identity of the sum: x + -0.0 == x for every x, so
+    nothing is left to add (x + 0.0 is not, for x = -0.0). Under the interpreter, whose cost is per jit call
+    (tl.sum is one), two gathers pick the same rows."""
     out = cur
     if S != 0:
-        for r in tl.static_range(BL):
-            if r + S < 0:
-                v = _row(other, offs_r, r + S + BL)
-            elif r + S >= BL:
-                v = _row(other, offs_r, r + S - BL)
-            else:
-                v = _row(cur, offs_r, r + S)
-            out = tl.where(offs_r[:, None] == r, v[None, :], out)
+        if COMPILED:
+            for r in tl.static_range(BL):
+                if r + S < 0:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S + BL, other, neg_zero), axis=0)
+                elif r + S >= BL:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S - BL, other, neg_zero), axis=0)
+                else:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S, cur, neg_zero), axis=0)
+                out = tl.where(offs_r[:, None] == r, v[None, :], out)
+        else:
+            src = tl.broadcast_to((offs_r + S)[:, None], cur.shape)
+            inside = (src >= 0) & (src < BL)
+            outside = tl.where(src < 0, src + BL, src - BL)
+            out = tl.where(inside, tl.gather(cur, tl.where(inside, src, 0), 0),
+                           tl.gather(other, tl.where(inside, 0, outside), 0))
     return out
 
 
 @triton.jit
-def _sigmoid(x, FAST_MATH: tl.constexpr):
-    """1 / (1 + exp(-x)) in fp32. FAST_MATH (compiled kernels): the approximate exp and division (ex2.approx.ftz,
-    div.approx: a few ulp) in 4 instructions instead of tl.sigmoid's ~16, whose range handling (denormal
-    exponents, divisors past 2^126) changes nothing here; the interpreter has no libdevice and takes tl.sigmoid."""
-    if FAST_MATH:
+def _weight_tap(w_all, offs_k, neg_zero, j: tl.constexpr, COMPILED: tl.constexpr):
+    """Tap j of the (BK, BD) weight tile as (1, BD): a select and a sum when compiled (folded, hoisted out of the
+    loop), a gather under the interpreter (see _shift_rows)."""
+    if COMPILED:
+        return tl.sum(tl.where(offs_k[:, None] == j, w_all, neg_zero), axis=0)[None, :]
+    else:
+        return tl.gather(w_all, tl.full((1, w_all.shape[1]), j, tl.int32), 0)
+
+
+@triton.jit
+def _sigmoid(x, COMPILED: tl.constexpr):
+    """1 / (1 + exp(-x)) in fp32. Compiled: the approximate exp and division (ex2.approx.ftz, div.approx: a few
+    ulp) in 4 instructions instead of tl.sigmoid's ~16, whose range handling (denormal exponents, divisors past
+    2^126) changes nothing here; the interpreter has no libdevice and takes tl.sigmoid."""
+    if COMPILED:
         return libdevice.fast_dividef(1.0, 1.0 + libdevice.fast_expf(-x))
     else:
         return tl.sigmoid(x)
@@ -246,7 +267,7 @@ def _conv_bwd_rows_kernel(
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    PREFETCH: tl.constexpr, FAST_MATH: tl.constexpr,
+    PREFETCH: tl.constexpr, COMPILED: tl.constexpr,
 ):
     """One program: BLOCK_D channels of one batch element over seg_len time steps, walked forward BLOCK_L rows at
     a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
@@ -259,6 +280,8 @@ def _conv_bwd_rows_kernel(
     offs_d = tl.max_contiguous(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), VEC)
     offs_k = tl.arange(0, BLOCK_K)
     mask_d = offs_d < dim
+    # -0.0 made from its bits (Triton's frontend turns a literal -0.0 into +0.0): see _shift_rows
+    neg_zero = tl.full((1,), -2147483648, tl.int32).to(tl.float32, bitcast=True)
 
     w_all = tl.load(w_ptr + offs_d[None, :] * s_wd + offs_k[:, None] * s_wk,
                     mask=(offs_k < K)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)     # (BK, BD)
@@ -302,25 +325,31 @@ def _conv_bwd_rows_kernel(
             x = _load_rows(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK).to(tl.float32)
             g = _load_rows(dy_base, m_base, offs_t, mask_d, seqlen, s_dyl, s_ml, False).to(tl.float32)
         if SILU:
-            pre = bias[None, :] + _row(w_all, offs_k, K - 1)[None, :] * x
+            pre = bias[None, :] + _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * x
             for j in tl.static_range(K - 1):
-                pre += _row(w_all, offs_k, j)[None, :] * _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L)
-            sig = _sigmoid(pre, FAST_MATH)
+                xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                pre += _weight_tap(w_all, offs_k, neg_zero, j, COMPILED) * xs
+            sig = _sigmoid(pre, COMPILED)
             g = g * sig * (1.0 + pre * (1.0 - sig))
         # dw[j] += sum_t g[t] x[t - (K-1) + j] and dbias += sum_t g[t] over the segment's own tiles (all but the
-        # last iteration's; rows past the end of the sequence have g = 0), one fused multiply-add per row into the
-        # accumulator
+        # last iteration's; rows past the end of the sequence have g = 0). Compiled: one fused multiply-add per row
+        # into the accumulator (the rows' products are not summed first).
         if t0 < seg_start + seg_len:
             db_acc += tl.sum(g, axis=0)
             for j in tl.static_range(K):
-                xs = _shift_rows(x, x_prev, offs_r, j - (K - 1), BLOCK_L)
-                for r in tl.static_range(BLOCK_L):
-                    dw_acc += tl.where(offs_k[:, None] == j, (_row(g, offs_r, r) * _row(xs, offs_r, r))[None, :],
-                                       _neg_zero())
+                xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                if COMPILED:
+                    for r in tl.static_range(BLOCK_L):
+                        g_r = tl.sum(tl.where(offs_r[:, None] == r, g, neg_zero), axis=0)
+                        xs_r = tl.sum(tl.where(offs_r[:, None] == r, xs, neg_zero), axis=0)
+                        dw_acc += tl.where(offs_k[:, None] == j, (g_r * xs_r)[None, :], neg_zero)
+                else:
+                    dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
         # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s]
-        dx = _row(w_all, offs_k, K - 1)[None, :] * g_prev
+        dx = _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * g_prev
         for s in tl.static_range(1, K):
-            dx += _row(w_all, offs_k, K - 1 - s)[None, :] * _shift_rows(g_prev, g, offs_r, s, BLOCK_L)
+            dx += _weight_tap(w_all, offs_k, neg_zero, K - 1 - s, COMPILED) * \
+                _shift_rows(g_prev, g, offs_r, neg_zero, s, BLOCK_L, COMPILED)
         dx = tl.where(keep_prev[:, None], dx, 0.0)                      # masked inputs were zeros: no gradient
         offs_p = offs_t - BLOCK_L
         tl.store(dx_base + offs_p[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
@@ -424,7 +453,7 @@ def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **conf
         seg_len = cfg.pop("SEG_LEN")
         grid = (triton.cdiv(seqlen, seg_len), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
         _conv_bwd_rows_kernel[grid](*args, dim, seqlen, seg_len, *strides, **flags, **cfg,
-                                    FAST_MATH=not triton_interpreting())
+                                    COMPILED=not triton_interpreting())
     elif kernel == "tiles":
         cfg = dict(bwd_tiles_config(x, k), **config)
         grid = (triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
