@@ -386,13 +386,16 @@ def bwd_tiles_config(x: torch.Tensor, k: int) -> dict:
 
 
 def bwd_rows_config(x: torch.Tensor, k: int, warps: int = ROWS_WARPS, segment: int = ROWS_SEGMENT,
-                    prefetch: bool = ROWS_PREFETCH) -> dict:
+                    prefetch: bool = ROWS_PREFETCH, block_l: Optional[int] = None) -> dict:
     """The rows kernel's tile: BLOCK_D = ROWS_VEC channels per thread across all the warps' threads (so that each
     thread holds whole columns of the tile: the row shifts are register moves), narrower for small d; BLOCK_L =
-    the smallest power of two >= K - 1 (a shift reaches one neighbouring tile at most), at least 4; SEG_LEN =
-    `segment` rounded to whole tiles, at most the sequence."""
+    `block_l` rows (default 4; 16 under the interpreter, whose cost is per tile, not per element), raised to the
+    smallest power of two >= K - 1 (a shift reaches one neighbouring tile at most); SEG_LEN = `segment` rounded to
+    whole tiles, at most the sequence."""
     block_d = min(ROWS_VEC * 32 * warps, triton.next_power_of_2(x.shape[1]))
-    block_l = max(4, triton.next_power_of_2(k - 1))
+    if block_l is None:
+        block_l = 16 if triton_interpreting() else 4
+    block_l = max(block_l, triton.next_power_of_2(k - 1))
     seg_len = max(block_l, min(segment, triton.cdiv(x.shape[2], block_l) * block_l) // block_l * block_l)
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), VEC=ROWS_VEC,
                 PREFETCH=prefetch, SEG_LEN=seg_len, num_warps=max(1, min(warps, block_d // (ROWS_VEC * 32))))

@@ -169,12 +169,15 @@ def test_interp_backward_kernels(shape, layout, kernel):
 
 
 @interp
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("config", [dict(segment=8, warps=1), dict(segment=12, warps=2)])
-def test_interp_rows_backward_configs(config, prefetch):
-    """The rows backward's tile choices: several segments (the last ragged, a segment not a multiple of the tile),
-    two warps' channels per program, d not a multiple of the block, with and without the prefetch."""
-    check_bwd_kernel(2, 300, 29, 4, "model", "rows", seed=9, prefetch=prefetch, **config)
+@pytest.mark.parametrize("config", [dict(segment=8, warps=1, block_l=4, prefetch=True),
+                                    dict(segment=12, warps=2, block_l=4, prefetch=False),
+                                    dict(segment=8, warps=1, block_l=8, prefetch=False)])
+def test_interp_rows_backward_configs(config):
+    """The rows backward's tile choices, with the compiled kernel's 4-row tile (the interpreter's default is 16):
+    several segments (the last ragged, a segment not a multiple of the tile), one and two warps' channels per
+    program, d not a multiple of the block, with and without the prefetch; k 4 and 5 (k - 1 = 4 fills a tile)."""
+    check_bwd_kernel(2, 130, 21, 4, "model", "rows", seed=9, **config)
+    check_bwd_kernel(1, 6, 19, 5, "model", "rows", seed=10, **config)
 
 
 @interp
