@@ -128,7 +128,8 @@ step compile 150 "$BENCH_LOG" "$PY" bench/bench_generate.py "${generate_args[@]}
 step profile 75 "$PROFILE_LOG" "$PY" bench/profile_train.py --model_size medium --batch 8 --seq_len 2048 \
     --rows 30 --json "$WORK/profile.json"
 step tests 240 "$TEST_LOG" gpu_tests
-step conv 60 "$BENCH_LOG" "$PY" bench/bench_conv.py --shapes 8x2048x1536x4,4x8192x2048x4 --json "$WORK/conv.json"
+step conv 60 "$BENCH_LOG" "$PY" bench/bench_conv.py --shapes 8x2048x1536x4,4x8192x2048x4 --out "$WORK/conv"
+[ -f "$WORK/conv/bench_conv.json" ] && cp "$WORK/conv/bench_conv.json" "$WORK/conv.json"
 step ssd 60 "$BENCH_LOG" "$PY" bench/bench_ssd.py --gpu --json "$WORK/ssd.json"
 
 "$PY" bench/gpu_check_report.py --work "$WORK" --out "$OUT" --wall_s $((SECONDS - START)) \

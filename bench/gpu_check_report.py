@@ -101,15 +101,14 @@ def profile_figures(data, figures: dict) -> None:
 
 
 def conv_figures(data, figures: dict) -> None:
+    """bench_conv.py --out: one row per (shape, layout, pass); "x_fwd" is the row's time over the forward's."""
     for r in data["rows"]:
-        base = f"conv.{r['shape']}.{r['layout']}"
-        figures[f"{base}.{r['mode']}.triton_ms"] = r["triton_ms"]
-        figures[f"{base}.{r['mode']}.cudnn_ms"] = r["cudnn_ms"]
-    for r in data["rows"]:
-        base = f"conv.{r['shape']}.{r['layout']}"
-        fwd, both = figures.get(f"{base}.fwd.triton_ms"), figures.get(f"{base}.fwd+bwd.triton_ms")
-        if fwd and both:
-            figures[f"{base}.bwd_over_fwd"] = (both - fwd) / fwd
+        base = f"conv.{r['shape']}.{r['layout']}.{r['row'].replace(' ', '_')}"
+        figures[f"{base}.triton_ms"] = r["triton_ms"]
+        if r.get("cudnn_ms") is not None:
+            figures[f"{base}.cudnn_ms"] = r["cudnn_ms"]
+        if r["row"] == "bwd rows":
+            figures[f"conv.{r['shape']}.{r['layout']}.bwd_over_fwd"] = r["x_fwd"]
 
 
 def ssd_figures(data, figures: dict) -> None:

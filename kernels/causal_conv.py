@@ -78,7 +78,7 @@ def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state
 
     Args:
         x: (b, d, l), any float dtype, any strides (channels-contiguous views are the model's case)
-        weight: (d, k), any float dtype (the model passes conv1d.weight[:, 0, :]); k <= 16
+        weight: (d, k), any float dtype (the model passes conv1d.weight.squeeze(1)); k <= 16
         bias: (d,) or None
         activation: "silu" or None
         mask: (b, l) bool or None; False marks left padding, whose inputs count as zeros
@@ -132,7 +132,7 @@ def _check(x, weight, bias, activation, mask, conv_state):
         raise ValueError(f"x must be (batch, d, L), got shape {tuple(x.shape)}")
     batch, dim, seqlen = x.shape
     if weight.dim() != 2 or weight.shape[0] != dim:
-        raise ValueError(f"weight must be (d={dim}, k), got {tuple(weight.shape)} (pass conv1d.weight[:, 0, :])")
+        raise ValueError(f"weight must be (d={dim}, k), got {tuple(weight.shape)} (pass conv1d.weight.squeeze(1))")
     if not 1 <= weight.shape[1] <= 16:
         raise ValueError(f"conv width k must be 1 to 16, got {weight.shape[1]}")
     if bias is not None and tuple(bias.shape) != (dim,):

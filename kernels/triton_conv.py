@@ -21,14 +21,26 @@ saved):
     dw[j]      = sum_{b,t} g[t] * x[t - (k-1) + j]
     dbias      = sum_{b,t} g[t]
 
-Register tiles cannot be shifted along time, so the g[t + i] of dx are recomputed from shifted loads of x and dy
-(k pre-activations per element; the loads are L1/L2 hits). A program walks TIME_BLOCKS tiles down the sequence,
-summing dw and dbias in registers, and writes one fp32 partial per (batch, time segment); the launcher sums them
-(a few MB at most, deterministic, no atomics).
+The weight and bias gradients are summed inside the kernel: each program adds its fp32 share into one zeroed
+buffer (d * k + d,) with atomics (order-dependent in the last bits, like the scan's dA and dD); the autograd
+formula hands out dweight and dbias as views of it. So a layer's conv backward is one fill and one kernel, no
+reductions (it was a kernel and two torch sums of per-program partials).
 
-Not measured yet (written without a GPU): the backward evaluates k sigmoids per element (two SFU instructions each),
-which at k = 4 may bound it above the DRAM floor; if bench/bench_conv.py shows that, shifting one g tile through
-shared memory (tl.gather) instead of recomputing it is the next step.
+Two kernels, one per layout (conv_bwd picks):
+
+- rows (_conv_bwd_rows_kernel), channels-contiguous x (the model's token-major layout). A program owns BLOCK_D
+  channels of one batch element and walks a segment of time BLOCK_L rows (4) at a time. Its tile is laid out with
+  every row of a column in one thread (4 channels per thread, 8-byte loads along the contiguous channels), so
+  moving rows is a register move: each tile's g is computed once (one sigmoid per element), and the shifted
+  copies that pre (x shifted back), dw, and dx (g shifted forward) need come from the tile and its neighbour:
+  the tile before for x (carried), the tile after for g (so dx is written one tile behind). DRAM sees x and dy
+  read once and dx written once, plus a tile per segment. ~34 instructions per element, 157 registers
+  (tests/test_causal_conv.py checks the sm_90 build for spills).
+- tiles (_conv_bwd_tiles_kernel), any layout: register tiles that cannot be shifted along time, so the g[t + i]
+  of dx are recomputed from shifted loads of x and dy (k pre-activations per element; the loads are L1/L2 hits).
+  A program walks TIME_BLOCKS tiles down the sequence, summing dw and dbias in registers. It was the only
+  backward until the rows one: 0.42 ms at (8, 2048, 1536, 4) bf16 on the H200 against the forward's 0.04 ms
+  (k sigmoids and k^2 + 2k loads per element). bench/bench_conv.py times both.
 
 Both launchers are wrapped as torch custom ops (mamba_trainer::causal_conv1d_fwd and ::causal_conv1d_bwd, the
 latter the former's registered autograd), with fake implementations that allocate exactly what the kernels return,
@@ -41,12 +53,21 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .causal_conv import channels_contiguous, empty_like_order
 from .backends import triton_interpreting
 
 NUM_WARPS = 4
-BWD_SEGMENT = 256           # time steps one backward program walks (its dw/dbias partial covers them)
+BWD_SEGMENT = 256           # time steps one program of the tiles backward walks
+# The rows backward (channels-contiguous x): 4 channels per thread (8-byte bf16 loads; 16-byte vectors would
+# double every tile's registers), ROWS_WARPS warps of 128 channels per program, ROWS_SEGMENT time steps each,
+# the next tile's loads issued before the current tile's arithmetic (ROWS_PREFETCH). bench/bench_conv.py --sweep
+# times the alternatives.
+ROWS_VEC = 4
+ROWS_WARPS = 1
+ROWS_SEGMENT = 128
+ROWS_PREFETCH = True
 
 
 @triton.jit
@@ -114,9 +135,9 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
+def _conv_bwd_tiles_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
-    dim, seqlen, n_segs,
+    dim, seqlen,
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TIME_BLOCKS: tl.constexpr,
@@ -162,11 +183,186 @@ def _conv_bwd_kernel(
         tl.store(dx_base + offs_t[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
                  mask=mask_t[:, None] & mask_d[None, :])
 
-    # One fp32 partial per (batch, time segment): dw (b * n_segs, d, K), dbias (b * n_segs, d).
-    part = pid_b * n_segs + pid_s
-    tl.store(dw_ptr + (part * dim + offs_d[None, :]) * K + offs_k[:, None], dw_acc,
-             mask=(offs_k < K)[:, None] & mask_d[None, :])
-    tl.store(db_ptr + part * dim + offs_d, db_acc, mask=mask_d)
+    # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
+    tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw_acc, mask=(offs_k < K)[:, None] & mask_d[None, :],
+                  sem="relaxed")
+    tl.atomic_add(db_ptr + offs_d, db_acc, mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _shift_rows(cur, other, offs_r, neg_zero, S: tl.constexpr, BL: tl.constexpr, COMPILED: tl.constexpr):
+    """A (BL, BD) tile's rows moved by S (|S| <= BL): out[r] = cur[r + S] where that row is in the tile, else the
+    neighbouring tile's row: other[r + S + BL] (S < 0, `other` is the tile before) or other[r + S - BL] (S > 0,
+    the tile after).
+
+    COMPILED: each row is picked by a select and a sum over rows; with every row of the tile in one thread's
+    registers (the rows kernel's tile) both fold away at compile time into register moves (tl.gather would not:
+    it compiles to shuffles and selects). neg_zero is -0.0, the identity of the sum: x + -0.0 == x for every x, so
+    nothing is left to add (x + 0.0 is not, for x = -0.0). Under the interpreter, whose cost is per jit call
+    (tl.sum is one), two gathers pick the same rows."""
+    out = cur
+    if S != 0:
+        if COMPILED:
+            for r in tl.static_range(BL):
+                if r + S < 0:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S + BL, other, neg_zero), axis=0)
+                elif r + S >= BL:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S - BL, other, neg_zero), axis=0)
+                else:
+                    v = tl.sum(tl.where(offs_r[:, None] == r + S, cur, neg_zero), axis=0)
+                out = tl.where(offs_r[:, None] == r, v[None, :], out)
+        else:
+            src = tl.broadcast_to((offs_r + S)[:, None], cur.shape)
+            inside = (src >= 0) & (src < BL)
+            outside = tl.where(src < 0, src + BL, src - BL)
+            out = tl.where(inside, tl.gather(cur, tl.where(inside, src, 0), 0),
+                           tl.gather(other, tl.where(inside, 0, outside), 0))
+    return out
+
+
+@triton.jit
+def _weight_tap(w_all, offs_k, neg_zero, j: tl.constexpr, COMPILED: tl.constexpr):
+    """Tap j of the (BK, BD) weight tile as (1, BD): a select and a sum when compiled (folded, hoisted out of the
+    loop), a gather under the interpreter (see _shift_rows)."""
+    if COMPILED:
+        return tl.sum(tl.where(offs_k[:, None] == j, w_all, neg_zero), axis=0)[None, :]
+    else:
+        return tl.gather(w_all, tl.full((1, w_all.shape[1]), j, tl.int32), 0)
+
+
+@triton.jit
+def _sigmoid(x, COMPILED: tl.constexpr):
+    """1 / (1 + exp(-x)) in fp32. Compiled: the approximate exp and division (ex2.approx.ftz, div.approx: a few
+    ulp) in 4 instructions instead of tl.sigmoid's ~16, whose range handling (denormal exponents, divisors past
+    2^126) changes nothing here; the interpreter has no libdevice and takes tl.sigmoid."""
+    if COMPILED:
+        return libdevice.fast_dividef(1.0, 1.0 + libdevice.fast_expf(-x))
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK: tl.constexpr):
+    """(BL,) bool: False at masked (left-padding) rows; True everywhere without a mask."""
+    if HAS_MASK:
+        return tl.load(m_base + offs_t * s_ml, mask=(offs_t >= 0) & (offs_t < seqlen), other=0) != 0
+    else:
+        return offs_t == offs_t
+
+
+@triton.jit
+def _load_rows(base, m_base, offs_t, mask_d, seqlen, s_l, s_ml, HAS_MASK: tl.constexpr):
+    """Rows offs_t (BL,) of a (b, d, l) operand at the program's channels, (BL, BD) in its dtype; rows outside
+    [0, l) and masked rows (HAS_MASK) are 0."""
+    valid = (offs_t >= 0) & (offs_t < seqlen)
+    if HAS_MASK:
+        valid = valid & _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
+    return tl.load(base + offs_t[:, None] * s_l, mask=valid[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
+    dim, seqlen, seg_len,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    PREFETCH: tl.constexpr, COMPILED: tl.constexpr,
+):
+    """One program: BLOCK_D channels of one batch element over seg_len time steps, walked forward BLOCK_L rows at
+    a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
+    from the tile and its neighbour (x: the tile before, carried; g: the tile after, so dx is written one tile
+    behind) by register moves, never by loads or recomputation."""
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_L)
+    offs_d = tl.max_contiguous(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), VEC)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < dim
+    # -0.0 made from its bits (Triton's frontend turns a literal -0.0 into +0.0): see _shift_rows
+    neg_zero = tl.full((1,), -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+    w_all = tl.load(w_ptr + offs_d[None, :] * s_wd + offs_k[:, None] * s_wk,
+                    mask=(offs_k < K)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)     # (BK, BD)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_base = x_ptr + pid_b * s_xb + offs_d[None, :] * s_xd
+    dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
+    dx_base = dx_ptr + pid_b * s_dxb + offs_d[None, :] * s_dxd
+    m_base = m_ptr + pid_b * s_mb
+
+    seg_start = pid_s * seg_len
+    seg_end = tl.minimum(seg_start + seg_len, seqlen)
+    # The tile before the segment: its last K-1 rows are the first tile's x halo.
+    x_prev = _load_rows(x_base, m_base, seg_start - BLOCK_L + offs_r, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+    x_prev = x_prev.to(tl.float32)
+    g_prev = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    keep_prev = _keep_rows(m_base, seg_start - BLOCK_L + offs_r, seqlen, s_ml, HAS_MASK)
+    dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # PREFETCH: each iteration loads the next tile before it works on the one loaded by the iteration before (its
+    # loads are in flight during the arithmetic; ~35 more registers per thread). One tile more than the segment holds (seg_len is a multiple of BLOCK_L):
+    # the last iteration computes the g rows after the segment that its last dx rows need (0 past the end of the
+    # sequence, where dy is 0) and writes the last tile's dx. A ragged last segment runs the same count, its rows
+    # past the end masked.
+    x_next = x_prev
+    dy_next = x_prev
+    if PREFETCH:
+        x_next = _load_rows(x_base, m_base, seg_start + offs_r, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+        dy_next = _load_rows(dy_base, m_base, seg_start + offs_r, mask_d, seqlen, s_dyl, s_ml, False)
+    t0 = seg_start
+    while t0 <= seg_start + seg_len:    # (a while loop: Triton's interpreter cannot range() over a run-time bound)
+        offs_t = t0 + offs_r
+        if PREFETCH:
+            x = x_next.to(tl.float32)                                                        # (BL, BD)
+            g = dy_next.to(tl.float32)
+            x_next = _load_rows(x_base, m_base, offs_t + BLOCK_L, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+            dy_next = _load_rows(dy_base, m_base, offs_t + BLOCK_L, mask_d, seqlen, s_dyl, s_ml, False)
+        else:
+            x = _load_rows(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK).to(tl.float32)
+            g = _load_rows(dy_base, m_base, offs_t, mask_d, seqlen, s_dyl, s_ml, False).to(tl.float32)
+        if SILU:
+            pre = bias[None, :] + _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * x
+            for j in tl.static_range(K - 1):
+                xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                pre += _weight_tap(w_all, offs_k, neg_zero, j, COMPILED) * xs
+            sig = _sigmoid(pre, COMPILED)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        # dw[j] += sum_t g[t] x[t - (K-1) + j] and dbias += sum_t g[t] over the segment's own tiles (all but the
+        # last iteration's; rows past the end of the sequence have g = 0). Compiled: one fused multiply-add per row
+        # into the accumulator (the rows' products are not summed first).
+        if t0 < seg_start + seg_len:
+            db_acc += tl.sum(g, axis=0)
+            for j in tl.static_range(K):
+                xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                if COMPILED:
+                    for r in tl.static_range(BLOCK_L):
+                        g_r = tl.sum(tl.where(offs_r[:, None] == r, g, neg_zero), axis=0)
+                        xs_r = tl.sum(tl.where(offs_r[:, None] == r, xs, neg_zero), axis=0)
+                        dw_acc += tl.where(offs_k[:, None] == j, (g_r * xs_r)[None, :], neg_zero)
+                else:
+                    dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
+        # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s]
+        dx = _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * g_prev
+        for s in tl.static_range(1, K):
+            dx += _weight_tap(w_all, offs_k, neg_zero, K - 1 - s, COMPILED) * \
+                _shift_rows(g_prev, g, offs_r, neg_zero, s, BLOCK_L, COMPILED)
+        dx = tl.where(keep_prev[:, None], dx, 0.0)                      # masked inputs were zeros: no gradient
+        offs_p = offs_t - BLOCK_L
+        tl.store(dx_base + offs_p[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
+                 mask=((offs_p >= seg_start) & (offs_p < seg_end))[:, None] & mask_d[None, :])
+        x_prev = x
+        g_prev = g
+        keep_prev = _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
+        t0 += BLOCK_L
+
+    # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
+    tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw_acc, mask=(offs_k < K)[:, None] & mask_d[None, :],
+                  sem="relaxed")
+    tl.atomic_add(db_ptr + offs_d, db_acc, mask=mask_d, sem="relaxed")
 
 
 def _tile(x: torch.Tensor, wide: int, narrow: int) -> tuple[int, int]:
@@ -182,11 +378,27 @@ def fwd_config(x: torch.Tensor) -> dict:
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=NUM_WARPS)
 
 
-def bwd_config(x: torch.Tensor, k: int) -> dict:
+def bwd_tiles_config(x: torch.Tensor, k: int) -> dict:
     block_l, block_d = _tile(x, 64, 32)
     time_blocks = max(1, min(triton.cdiv(x.shape[2], block_l), BWD_SEGMENT // block_l))
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), TIME_BLOCKS=time_blocks,
                 num_warps=NUM_WARPS)
+
+
+def bwd_rows_config(x: torch.Tensor, k: int, warps: int = ROWS_WARPS, segment: int = ROWS_SEGMENT,
+                    prefetch: bool = ROWS_PREFETCH, block_l: Optional[int] = None) -> dict:
+    """The rows kernel's tile: BLOCK_D = ROWS_VEC channels per thread across all the warps' threads (so that each
+    thread holds whole columns of the tile: the row shifts are register moves), narrower for small d; BLOCK_L =
+    `block_l` rows (default 4; 16 under the interpreter, whose cost is per tile, not per element), raised to the
+    smallest power of two >= K - 1 (a shift reaches one neighbouring tile at most); SEG_LEN = `segment` rounded to
+    whole tiles, at most the sequence."""
+    block_d = min(ROWS_VEC * 32 * warps, triton.next_power_of_2(x.shape[1]))
+    if block_l is None:
+        block_l = 16 if triton_interpreting() else 4
+    block_l = max(block_l, triton.next_power_of_2(k - 1))
+    seg_len = max(block_l, min(segment, triton.cdiv(x.shape[2], block_l) * block_l) // block_l * block_l)
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(k), VEC=ROWS_VEC,
+                PREFETCH=prefetch, SEG_LEN=seg_len, num_warps=max(1, min(warps, block_d // (ROWS_VEC * 32))))
 
 
 def _mask_arg(mask, x):
@@ -216,31 +428,50 @@ def conv_fwd(x, weight, bias, mask, silu: bool) -> torch.Tensor:
     return y
 
 
-def conv_bwd(x, weight, bias, mask, dy, silu: bool):
-    """Launch the backward. Returns dx (x's dtype and dim order), dweight (weight's dtype), dbias ((d,) in bias's
-    dtype; zeros in weight's dtype when there is no bias)."""
+BWD_KERNELS = ("auto", "rows", "tiles")
+
+
+def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **config):
+    """Launch the backward: one kernel, which also sums the weight and bias gradients (fp32 atomics into one
+    zeroed buffer). kernel: "rows" (channels-contiguous x, the model's layout), "tiles" (any layout), or "auto";
+    config overrides the chosen kernel's tile (bench/bench_conv.py's sweep).
+
+    Returns dx (x's dtype and dim order) and dwb: fp32 (d * K + d,), dweight (d, K) then dbias (d,) (see
+    `split_weight_grads`)."""
     batch, dim, seqlen = x.shape
     k = weight.shape[1]
     dx = empty_like_order(x)
+    dwb = torch.zeros(dim * (k + 1), device=x.device, dtype=torch.float32)
     if dx.numel() == 0:
-        return dx, torch.zeros_like(weight), weight.new_zeros(dim, dtype=(bias if bias is not None else weight).dtype)
-    cfg = bwd_config(x, k)
-    n_segs = triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"])
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dw_part = torch.empty(batch * n_segs, dim, k, **f32)
-    db_part = torch.empty(batch * n_segs, dim, **f32)
+        return dx, dwb
+    if kernel == "auto":
+        kernel = "rows" if channels_contiguous(x) else "tiles"
     m, s_mb, s_ml = _mask_arg(mask, x)
-    grid = (n_segs, triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, m, dy, dx, dw_part, db_part,
-        dim, seqlen, n_segs,
-        x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
-        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, **cfg,
-    )
-    dweight = dw_part.sum(0).to(weight.dtype)                                       # (d, k)
-    dbias = db_part.sum(0).to((bias if bias is not None else weight).dtype)         # (d,)
-    return dx, dweight, dbias
+    args = (x, weight, bias if bias is not None else weight, m, dy, dx, dwb[:dim * k], dwb[dim * k:])
+    strides = (x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
+               dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2))
+    flags = dict(K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu)
+    if kernel == "rows":
+        cfg = bwd_rows_config(x, k, **config)
+        seg_len = cfg.pop("SEG_LEN")
+        grid = (triton.cdiv(seqlen, seg_len), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+        _conv_bwd_rows_kernel[grid](*args, dim, seqlen, seg_len, *strides, **flags, **cfg,
+                                    COMPILED=not triton_interpreting())
+    elif kernel == "tiles":
+        cfg = dict(bwd_tiles_config(x, k), **config)
+        grid = (triton.cdiv(seqlen, cfg["BLOCK_L"] * cfg["TIME_BLOCKS"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+        _conv_bwd_tiles_kernel[grid](*args, dim, seqlen, *strides, **flags, **cfg)
+    else:
+        raise ValueError(f"kernel must be one of {BWD_KERNELS}, got {kernel!r}")
+    return dx, dwb
+
+
+def split_weight_grads(dwb, weight, bias):
+    """conv_bwd's fp32 buffer -> dweight (d, K) in weight's dtype and dbias (d,) in bias's dtype (None without a
+    bias): views of the buffer when the dtypes are fp32 (no copy, no launch)."""
+    dim, k = weight.shape
+    dweight = dwb[:dim * k].view(dim, k).to(weight.dtype)
+    return dweight, (dwb[dim * k:].to(bias.dtype) if bias is not None else None)
 
 
 # ---------------------------------------------------------------- torch custom ops (one graph node each)
@@ -259,15 +490,13 @@ def _(x, weight, bias, mask, silu):
 @torch.library.custom_op("mamba_trainer::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          mask: Optional[torch.Tensor], dy: torch.Tensor,
-                         silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return conv_bwd(x, weight, bias, mask, dy, silu)
 
 
 @causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, mask, dy, silu):
-    dbias_dtype = (bias if bias is not None else weight).dtype
-    return empty_like_order(x), torch.empty_like(weight, memory_format=torch.contiguous_format), \
-        weight.new_empty(weight.shape[0], dtype=dbias_dtype)
+    return empty_like_order(x), weight.new_empty(weight.shape[0] * (weight.shape[1] + 1), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -278,8 +507,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, bias, mask = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
-    return dx, dweight, (dbias if bias is not None else None), None, None
+    dx, dwb = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
+    dweight, dbias = split_weight_grads(dwb, weight, bias)
+    return dx, dweight, dbias, None, None
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -166,7 +166,9 @@ class SelectiveSSM(nn.Module):
         """
         xz = self.in_proj(x)                                                   # (b, l, 2*d_in)
         x, z = xz.chunk(2, dim=-1)                                             # (b, l, d_in) views of xz
-        x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+        # weight (d_in, 1, k) -> (d_in, k) by squeeze, a view whose gradient is a view too (indexing [:, 0, :]
+        # would cost a zero-filled (d_in, 1, k) and a copy per layer in backward)
+        x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                           mask=attention_mask, conv_state=conv_state, backend=kernels.conv)   # (b, d_in, l) view
         x_dbl = self.x_proj(x.transpose(1, 2))                                 # (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -193,7 +195,7 @@ class SelectiveSSM(nn.Module):
         # one kernel for the conv window's shift and dot product where the fused kernels run (under torch.compile
         # the PyTorch step is traced and fused by the compiler instead)
         fused = kernels.conv == "triton" and not torch.compiler.is_compiling()
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                                  backend="triton" if fused else "torch").to(z.dtype)                    # (b, d_in)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)                                                  # (b, d_in), bias included

@@ -115,7 +115,7 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)                                               # (b, l, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # the conv takes a (b, conv_dim, l) view of the token-major storage and returns one the same way
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                             mask=attention_mask, conv_state=conv_state, backend=kernels.conv).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())                                     # (h,)
@@ -142,7 +142,7 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)                                               # (b, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         fused = kernels.conv == "triton" and not torch.compiler.is_compiling()   # as in SelectiveSSM.step
-        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                                    backend="triton" if fused else "torch").to(z.dtype)   # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())

@@ -130,10 +130,60 @@ def test_interp_half_inputs(dtype, layout, weight_dtype):
 @interp
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_interp_many_time_segments(layout, monkeypatch):
-    """Several backward programs along time (one dw/dbias partial each), the last one ragged."""
+    """Several backward programs along time (each adds its share of dw/dbias), the last one ragged."""
     import kernels.triton_conv as triton_conv
     monkeypatch.setattr(triton_conv, "BWD_SEGMENT", 16)
+    monkeypatch.setattr(triton_conv, "ROWS_SEGMENT", 8)
     check_conv(2, 7, 45, 4, layout=layout, seed=11)
+
+
+def check_bwd_kernel(batch, dim, seqlen, k, layout, kernel, dtype=torch.float32, with_bias=True, with_mask=True,
+                     silu=True, seed=0, **config):
+    """conv_bwd with one kernel forced (either works on either layout) against autograd through the reference."""
+    from kernels.triton_conv import conv_bwd, split_weight_grads
+    g = torch.Generator().manual_seed(seed)
+    x = make_x(batch, dim, seqlen, dtype, "cpu", layout, g).requires_grad_()
+    weight = (torch.randn(dim, k, generator=g) / math.sqrt(k)).requires_grad_()
+    bias = torch.randn(dim, generator=g).requires_grad_() if with_bias else None
+    mask = make_mask(batch, seqlen, "cpu", g) if with_mask else None
+    dy = torch.randn(batch, seqlen, dim, generator=g).to(dtype).transpose(1, 2)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    grads_ref = torch.autograd.grad(causal_conv1d_ref(x, weight, bias, "silu" if silu else None, mask), leaves, dy)
+    dx, dwb = conv_bwd(x.detach(), weight.detach(), bias.detach() if with_bias else None, mask, dy, silu,
+                       kernel=kernel, **config)
+    dweight, dbias = split_weight_grads(dwb, weight, bias)
+    assert dx.stride() == _order_strides(x) and dx.dtype == dtype
+    assert dweight.shape == weight.shape and (dbias is None) == (bias is None)
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
+    for name, grad, grad_ref in zip(("x", "weight", "bias"), (dx, dweight, dbias), grads_ref):
+        assert rel_err(grad, grad_ref) < tol, f"d{name} ({kernel}): {rel_err(grad, grad_ref):.2e}"
+
+
+@interp
+@pytest.mark.parametrize("kernel", ["rows", "tiles"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 9, 23, 2), (1, 3, 13, 8)])
+def test_interp_backward_kernels(shape, layout, kernel):
+    """Each backward kernel on each layout (auto picks rows for the model's, tiles for (b, d, l))."""
+    check_bwd_kernel(*shape, layout=layout, kernel=kernel, seed=sum(shape))
+
+
+@interp
+@pytest.mark.parametrize("config", [dict(segment=8, warps=1, block_l=4, prefetch=True),
+                                    dict(segment=12, warps=2, block_l=4, prefetch=False),
+                                    dict(segment=8, warps=1, block_l=8, prefetch=False)])
+def test_interp_rows_backward_configs(config):
+    """The rows backward's tile choices, with the compiled kernel's 4-row tile (the interpreter's default is 16):
+    several segments (the last ragged, a segment not a multiple of the tile), one and two warps' channels per
+    program, d not a multiple of the block, with and without the prefetch; k 4 and 5 (k - 1 = 4 fills a tile)."""
+    check_bwd_kernel(2, 130, 21, 4, "model", "rows", seed=9, **config)
+    check_bwd_kernel(1, 6, 19, 5, "model", "rows", seed=10, **config)
+
+
+@interp
+@pytest.mark.parametrize("with_bias,with_mask,silu", [(False, False, True), (True, True, False)])
+def test_interp_rows_backward_flags(with_bias, with_mask, silu):
+    check_bwd_kernel(2, 40, 11, 3, "model", "rows", with_bias=with_bias, with_mask=with_mask, silu=silu, seed=8)
 
 
 @interp
@@ -166,6 +216,7 @@ def test_interp_custom_op_opcheck():
     torch.library.opcheck(causal_conv1d_fwd_op, (x, weight, None, None, False))
     dy = torch.randn(x.shape, generator=g)
     torch.library.opcheck(causal_conv1d_bwd_op, (x.detach(), weight.detach(), bias.detach(), mask, dy, True))
+    torch.library.opcheck(causal_conv1d_bwd_op, (x.detach(), weight.detach(), None, None, dy, False))
 
 
 @interp
@@ -284,7 +335,7 @@ def test_interp_update_kernel(dtype, state_dtype, k, dim, with_bias):
 @pytest.mark.parametrize("shape,k,flags,stride_one", [((8, 1536, 2048), 4, True, "d"), ((8, 1536, 2048), 4, True, "l"),
                                                       ((3, 129, 1), 2, False, "d"), ((2, 24, 97), 8, True, None)])
 def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
-    """Compile both kernels for sm_90 (no GPU needed: Triton ships ptxas), with the stride Triton specialises to 1
+    """Compile the kernels for sm_90 (no GPU needed: Triton ships ptxas), with the stride Triton specialises to 1
     on either axis (or none), so that a kernel the compiler rejects fails CI and not the first GPU run."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -296,7 +347,12 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
     x = (torch.empty(batch, seqlen, 2 * dim)[..., :dim].transpose(1, 2) if stride_one == "d"
          else torch.empty(batch, dim, seqlen))
     unit = {"d": ("s_xd", "s_yd", "s_dyd", "s_dxd"), "l": ("s_xl", "s_yl", "s_dyl", "s_dxl"), None: ()}[stride_one]
-    for fn, cfg in ((tc._conv_fwd_kernel, tc.fwd_config(x)), (tc._conv_bwd_kernel, tc.bwd_config(x, k))):
+    kernels = [(tc._conv_fwd_kernel, tc.fwd_config(x)), (tc._conv_bwd_tiles_kernel, tc.bwd_tiles_config(x, k))]
+    if stride_one == "d":                   # the layout the rows backward is chosen for (the only one it is fast on)
+        rows_cfg = tc.bwd_rows_config(x, k)
+        rows_cfg.pop("SEG_LEN")
+        kernels.append((tc._conv_bwd_rows_kernel, dict(rows_cfg, COMPILED=True)))
+    for fn, cfg in kernels:
         num_warps = cfg.pop("num_warps")
         constexprs = dict(K=k, HAS_BIAS=flags, HAS_MASK=flags, SILU=flags, **cfg)
         constexprs.update({name: 1 for name in unit if name in fn.arg_names})
@@ -316,6 +372,48 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert len(kernel.asm["cubin"]) > 0
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernel, not the interpreter's")
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_rows_backward_fits_registers_on_hopper(prefetch):
+    """The rows backward at the model's call (bf16, token-major, k 4, aligned as at (8, 2048, 1536)), compiled for
+    sm_90 as the launcher specialises it: no spills, and registers low enough for 12 one-warp programs per SM
+    (<= 168: its loads need that many warps in flight). ptxas -v reports both."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.triton_conv as tc
+
+    fn = tc._conv_bwd_rows_kernel
+    x = torch.empty(8, 2048, 2 * 1536, dtype=torch.bfloat16)[..., :1536].transpose(1, 2)
+    cfg = tc.bwd_rows_config(x, 4, prefetch=prefetch)
+    cfg.pop("SEG_LEN")
+    num_warps = cfg.pop("num_warps")
+    constexprs = dict(K=4, HAS_BIAS=True, HAS_MASK=False, SILU=True, COMPILED=True, **cfg,
+                      s_xd=1, s_dyd=1, s_dxd=1, s_wk=1)
+    signature = {name: "constexpr" if name in constexprs else
+                 ("*bf16" if name in ("x_ptr", "dy_ptr", "dx_ptr") else "*u8" if name == "m_ptr" else "*fp32")
+                 if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+    aligned = [name for name in fn.arg_names if name not in constexprs]       # pointers and strides: multiples of 16
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "rows.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "rows.o")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    assert spills == 0 and registers <= 168, report
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")

@@ -36,8 +36,9 @@ def make_work(tmp_path):
         "graph/triton/b1": dict(ms_per_token=0.93, e2e_ms_per_token=0.997, tokens_per_s=1075.0),
         "graph/torch/b64": {"error": "RuntimeError: boom"}}})
     write(work, "conv.json", {"rows": [
-        dict(shape="8x2048x1536x4", layout="model", mode="fwd", triton_ms=0.04, cudnn_ms=0.1),
-        dict(shape="8x2048x1536x4", layout="model", mode="fwd+bwd", triton_ms=0.46, cudnn_ms=0.3)]})
+        dict(shape="8x2048x1536x4", layout="model", row="fwd", triton_ms=0.04, x_fwd=1.0, cudnn_ms=0.1),
+        dict(shape="8x2048x1536x4", layout="model", row="bwd rows", triton_ms=0.42, x_fwd=10.5, cudnn_ms=0.3),
+        dict(shape="8x2048x1536x4", layout="model", row="bwd tiles", triton_ms=0.46, x_fwd=11.5, cudnn_ms=None)]})
     write(work, "profile.json", dict(ms_per_step=139.3, gpu_ms=117.9, tokens_per_s=117600.0, peak_gib=11.0,
                                      top=[dict(name="_scan_bwd_kernel", calls=24, self_ms=61.2)]))
     write(work, "ssd.json", "{not json")
