@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import (add_rms_norm, causal_conv1d, causal_conv1d_update, linear_cross_entropy, resolve_backend,
-                     selective_scan, selective_state_update)
+from kernels import (add_rms_norm, causal_conv1d, causal_conv1d_update, linear_cross_entropy, mixer_step,
+                     resolve_backend, selective_scan, selective_state_update)
 
 from .config import MambaConfig
 from .sampling import SamplingParams, sample
@@ -53,12 +53,15 @@ class KernelChoice:
     scan: str             # kernels.selective_scan backend
     conv: str             # kernels.causal_conv1d backend
     norm: str             # kernels.add_rms_norm backend
+    # the decoding step between in_proj and out_proj: "triton" = kernels.mixer_step's two fused kernels; "torch" =
+    # one module or kernel per op (the conv step and the state update still take their own Triton kernels on CUDA)
+    step: str = "torch"
 
     @classmethod
     def for_scan(cls, scan: str) -> "KernelChoice":
-        # The conv and norm kernels follow the scan: fused Triton kernels together, or PyTorch together.
+        # The conv, norm and step kernels follow the scan: fused Triton kernels together, or PyTorch together.
         fused = "triton" if scan == "triton" else "torch"
-        return cls(scan=scan, conv=fused, norm=fused)
+        return cls(scan=scan, conv=fused, norm=fused, step=fused)
 
 
 def resolve_or_fall_back(resolve, requested: str, device: torch.device, what: str) -> str:
@@ -189,7 +192,17 @@ class SelectiveSSM(nn.Module):
     def step(self, x, conv_state, ssm_state, kernels=KernelChoice.for_scan("ref")):
         """One token. Args: x (b, d); conv_state (b, d_in, k) and ssm_state (b, d_in, n), updated in place.
         Returns: (b, d)"""
-        x, z = self.in_proj(x).chunk(2, dim=-1)                                # (b, d_in) each
+        xz = self.in_proj(x)                                                   # (b, 2*d_in)
+        # The fused step reads x_proj's and dt_proj's weights itself, so it runs only where those are plain linears
+        # (a LoRA adapter wraps them: models/lora.py), and not under torch.compile, which traces the PyTorch ops
+        # below and fuses them itself (a Triton launcher cannot be traced).
+        if (kernels.step == "triton" and type(self.x_proj) is nn.Linear and type(self.dt_proj) is nn.Linear
+                and not torch.compiler.is_compiling()):
+            y = mixer_step(xz, conv_state, ssm_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                           self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                           backend="triton")                                   # (b, d_in)
+            return self.out_proj(y)                                            # (b, d)
+        x, z = xz.chunk(2, dim=-1)                                             # (b, d_in) each
         # one kernel for the conv window's shift and dot product where the fused kernels run (under torch.compile
         # the PyTorch step is traced and fused by the compiler instead)
         fused = kernels.conv == "triton" and not torch.compiler.is_compiling()
@@ -280,12 +293,18 @@ class MambaLanguageModel(nn.Module):
             self._kernels = (device.type, self._choose_kernels(device))
         return self._kernels[1]
 
+    def use_kernels(self, device: torch.device | str, choice) -> None:
+        """Run `choice` on `device`'s type from now on instead of what kernels_for picked: for a benchmark that times
+        one kernel against another on the same weights (bench/bench_generate.py --parts variants)."""
+        self._kernels = (torch.device(device).type, choice)
+
     def _choose_kernels(self, device: torch.device) -> KernelChoice:
         """Each family's own choice of kernels for `device` (called once per device type by kernels_for)."""
         requested = self.config.scan_backend
         choice = KernelChoice.for_scan(resolve_or_fall_back(resolve_backend, requested, device, "scan"))
         logger.info("kernels on %s: selective scan %s (requested %r), causal conv %s, add+RMSNorm %s, "
-                    "LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm)
+                    "decoding step %s, LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm,
+                    choice.step)
         return choice
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:

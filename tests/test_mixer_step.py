@@ -1,0 +1,185 @@
+"""The fused decoding step of the Mamba-1 mixer (kernels/triton_mixer_step.py) against its reference: y and both
+states over several steps at awkward shapes; and the model's decoding with it against the full forward's logits.
+
+As in tests/test_triton_scan.py: the tests marked `interp` run in a TRITON_INTERPRET=1 subprocess started by
+test_interpreter_suite; the `gpu` tests run on CUDA at mamba-130m's shape and are skipped without a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+from helpers import randomize_parameters, run_interpreter_suite
+from kernels.mixer_step import mixer_step
+from models import MambaConfig, MambaLanguageModel
+from models.mamba import KernelChoice
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+
+# max |out - ref| / max |ref|: the fused step keeps dt, B, C and delta in fp32 where the reference rounds them to the
+# model's dtype, so bf16 differs by a few bf16 roundings
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def make_step_inputs(batch, d_in, dstate, dt_rank, width, dtype, device, seed=0, conv_bias=True, dt_bias=True):
+    """Weights laid out as the model holds them (the conv weight a (d_in, k) view of (d_in, 1, k)), and states."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device, dtype)
+
+    weights = dict(
+        conv_weight=rand(d_in, 1, width, scale=0.5)[:, 0, :], conv_bias=rand(d_in) if conv_bias else None,
+        x_proj_weight=rand(dt_rank + 2 * dstate, d_in, scale=d_in ** -0.5),
+        dt_proj_weight=rand(d_in, dt_rank, scale=dt_rank ** -0.5),
+        dt_proj_bias=rand(d_in, scale=0.5, shift=-1.0) if dt_bias else None,
+        A_log=rand(d_in, dstate, scale=0.5), D=rand(d_in, shift=1.0))
+    conv_state = rand(batch, d_in, width)
+    ssm_state = torch.randn(batch, d_in, dstate, generator=g).to(device)
+    return weights, conv_state, ssm_state, g
+
+
+def check_mixer_step(batch, d_in, dstate, dt_rank, width, dtype, device, steps=3, **flags):
+    """Several fused steps track the reference's y, conv window and SSM state. xz is a view of wider rows (the
+    fused kernels read it through its strides)."""
+    weights, conv_state, ssm_state, g = make_step_inputs(batch, d_in, dstate, dt_rank, width, dtype, device, **flags)
+    conv_ref, ssm_ref = conv_state.clone(), ssm_state.clone()
+    for _ in range(steps):
+        storage = torch.randn(batch, 2 * d_in + 3, generator=g).to(device, dtype)
+        xz = storage[:, 1:2 * d_in + 1]                                        # (b, 2 d_in), row stride 2 d_in + 3
+        y = mixer_step(xz, conv_state, ssm_state, **weights, backend="triton")
+        y_ref = mixer_step(xz, conv_ref, ssm_ref, **weights, backend="torch")
+        assert y.dtype == dtype and y.shape == (batch, d_in)
+        assert rel_err(y, y_ref) < TOL[dtype], f"y {rel_err(y, y_ref):.2e}"
+        assert torch.equal(conv_state, conv_ref)
+        assert rel_err(ssm_state, ssm_ref) < TOL[dtype], f"state {rel_err(ssm_state, ssm_ref):.2e}"
+
+
+@interp
+@pytest.mark.parametrize("batch,d_in,dstate,dt_rank,width,dtype", [
+    (2, 40, 5, 3, 4, torch.float32), (2, 40, 5, 3, 4, torch.bfloat16), (1, 200, 16, 13, 4, torch.bfloat16),
+    (3, 7, 1, 1, 2, torch.float32)])
+def test_interp_mixer_step_matches_reference(batch, d_in, dstate, dt_rank, width, dtype):
+    check_mixer_step(batch, d_in, dstate, dt_rank, width, dtype, "cpu")
+
+
+@interp
+def test_interp_mixer_step_without_biases():
+    check_mixer_step(2, 24, 16, 7, 3, torch.float32, "cpu", conv_bias=False, dt_bias=False)
+
+
+def test_mixer_step_rejects_bad_input():
+    weights, conv_state, ssm_state, _ = make_step_inputs(1, 8, 4, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unknown"):
+        mixer_step(torch.zeros(1, 16), conv_state, ssm_state, **weights, backend="cuda")
+    if not INTERPRET and not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mixer_step(torch.zeros(1, 16), conv_state, ssm_state, **weights, backend="triton")
+
+
+# ---------------------------------------------------------------- the model: decoding equals the full forward
+
+def make_model(backend, device="cpu", seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(d_model=24, n_layer=2, vocab_size=53, d_state=5, d_conv=3, expand=2, scan_backend=backend)
+    return randomize_parameters(MambaLanguageModel(MambaConfig(**{**fields, **overrides})), scale=0.2).to(device)
+
+
+@torch.no_grad()
+def check_decoding_matches_forward(model, ids, prompt_len, tol, reference_kernels=None):
+    """Prefill the first prompt_len tokens, then step through the rest with the model's own kernels: each step's
+    logits equal the full forward's at that position. reference_kernels: run the forward and the prefill with these
+    instead (under the interpreter the Triton scan of a whole sequence takes many seconds; test_fused_model.py
+    checks it against the reference)."""
+    device = ids.device
+    own = model.kernels_for(device)
+    model.use_kernels(device, reference_kernels or own)
+    logits, _ = model(ids)                                                     # (b, l, v)
+    cache = model.init_cache(ids.shape[0])
+    first = model.prefill(ids[:, :prompt_len], cache)
+    assert rel_err(first, logits[:, prompt_len - 1]) < tol
+    model.use_kernels(device, own)
+    for t in range(prompt_len, ids.shape[1]):
+        step = model.step(ids[:, t], cache)
+        assert rel_err(step, logits[:, t]) < tol, f"position {t}: {rel_err(step, logits[:, t]):.2e}"
+
+
+@interp
+def test_interp_fused_decoding_matches_forward():
+    model = make_model("triton")
+    assert model.kernels_for(torch.device("cpu")).step == "triton"
+    ids = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(1))
+    check_decoding_matches_forward(model, ids, prompt_len=3, tol=2e-5, reference_kernels=KernelChoice.for_scan("ref"))
+
+
+@interp
+def test_interp_adapters_on_the_projections_still_act():
+    """A LoRA adapter wraps x_proj and dt_proj: the fused step, which reads their weights, must not run (the
+    adapter's delta would be lost), and decoding still equals the forward through the adapters."""
+    from models.lora import LoRAConfig, apply_lora
+
+    model = make_model("triton")
+    apply_lora(model, LoRAConfig(targets=["x_proj", "dt_proj"], rank=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)                                              # a non-zero adapter
+    ids = torch.randint(0, 53, (1, 5), generator=torch.Generator().manual_seed(2))
+    check_decoding_matches_forward(model.eval(), ids, prompt_len=3, tol=2e-5,
+                                   reference_kernels=KernelChoice.for_scan("ref"))
+
+
+# ---------------------------------------------------------------- sm_90 compilation, launcher, GPU
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
+@pytest.mark.parametrize("d_in,dstate,dt_rank,width", [(1536, 16, 48, 4), (5120, 16, 160, 4), (40, 5, 3, 3)])
+def test_kernels_compile_for_hopper(d_in, dstate, dt_rank, width):
+    """Compile both kernels for sm_90 (Triton ships ptxas; no GPU needed) at mamba-130m's and mamba-2.8b's shapes
+    and an awkward one, so that a kernel the compiler rejects fails CI rather than the first GPU run."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.triton_mixer_step import _conv_x_proj_kernel, _dt_state_update_kernel, step_config
+
+    bf16 = {"xz_ptr", "conv_state_ptr", "conv_w_ptr", "conv_b_ptr", "xproj_w_ptr", "xc_ptr", "dt_w_ptr", "dt_b_ptr",
+            "A_log_ptr", "D_ptr", "y_ptr"}
+    cfg = step_config(d_in, dstate, dt_rank, width)
+    for fn, constexprs in (
+            (_conv_x_proj_kernel, dict(K=width, BLOCK_K=cfg["BLOCK_K"], HAS_CONV_BIAS=True, BLOCK_C=cfg["BLOCK_C"],
+                                       BLOCK_O=cfg["BLOCK_O"])),
+            (_dt_state_update_kernel, dict(HAS_DT_BIAS=True, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
+                                           BLOCK_R=cfg["BLOCK_R"], N_PARTS=cfg["n_parts"], BLOCK_P=cfg["BLOCK_P"]))):
+        signature = {name: "constexpr" if name in constexprs else ("*bf16" if name in bf16 else "*fp32")
+                     if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert len(kernel.asm["cubin"]) > 0
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the launcher of the interpreter run")
+def test_interpreter_suite():
+    """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
+    run_interpreter_suite(__file__)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,d_in,dstate,dt_rank,width", [(1, 1536, 16, 48, 4), (64, 1536, 16, 48, 4),
+                                                             (3, 5120, 16, 160, 4), (2, 100, 7, 5, 3)])
+def test_gpu_mixer_step_matches_reference(batch, d_in, dstate, dt_rank, width, dtype):
+    check_mixer_step(batch, d_in, dstate, dt_rank, width, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_decoding_matches_forward():
+    model = make_model("auto", "cuda", d_model=128, n_layer=3, d_state=16, d_conv=4, vocab_size=300)
+    assert model.kernels_for(torch.device("cuda")).step == "triton"
+    ids = torch.randint(0, 300, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    check_decoding_matches_forward(model, ids, prompt_len=17, tol=1e-4)
