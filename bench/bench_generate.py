@@ -7,7 +7,7 @@
 Every figure uses the same random weights and the same prompt (greedy, no end-of-text stop):
   * ms/token at batch 1 and tokens/s at batch 64, after a 128-token prompt, for each way of running the step:
     eager / CUDA graph / torch.compile + CUDA graph, and the step path between in_proj and out_proj (STEP_PATHS):
-    "fused" (the default on CUDA: kernels/triton_mixer_step.py, two kernels per layer), "triton" (the previous
+    "fused" (the default on CUDA: kernels/triton_decode_step.py, two kernels per layer), "triton" (the previous
     default: one kernel per op, the Triton conv step and state update) or "torch" (the PyTorch state update).
     "decode" times only the per-token loop (sample + step), "end to end" adds the prefill, as mamba_ssm's figure in
     ../shared/ANCHORS.md does (prompt 128, 256 new tokens).
