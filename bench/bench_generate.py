@@ -6,9 +6,10 @@
 
 Every figure uses the same random weights and the same prompt (greedy, no end-of-text stop):
   * ms/token at batch 1 and tokens/s at batch 64, after a 128-token prompt, for each way of running the step:
-    eager / CUDA graph / torch.compile + CUDA graph, and the step path between in_proj and out_proj (STEP_PATHS):
-    "fused" (the default on CUDA: kernels/triton_decode_step.py, two kernels per layer), "triton" (the previous
-    default: one kernel per op, the Triton conv step and state update) or "torch" (the PyTorch state update).
+    eager / CUDA graph / torch.compile + CUDA graph, and the path of each block's step (STEP_PATHS, all in
+    kernels/decode_step.py): "block" (the default on CUDA: two Triton kernels and out_proj per layer), "mixer" (the
+    add+RMSNorm kernel, in_proj, two Triton kernels, out_proj), "triton" (the previous default: one kernel per op,
+    the Triton conv step and state update) or "torch" (the same with the PyTorch state update).
     "decode" times only the per-token loop (sample + step), "end to end" adds the prefill, as mamba_ssm's figure in
     ../shared/ANCHORS.md does (prompt 128, 256 new tokens).
   * kernels per step: CUDA kernels one eager step launches at batch 1, for each step path (what a CUDA graph
@@ -44,9 +45,11 @@ GREEDY = SamplingParams(temperature=0)
 ANCHOR_MS = 0.84            # mamba_ssm, cg=True, batch 1, prompt 128, 256 new tokens, same H100 (ANCHORS.md)
 
 
-# step path -> (KernelChoice.step, selective_state_update backend of the unfused step)
-STEP_PATHS = {"fused": ("triton", "auto"), "triton": ("torch", "triton"), "torch": ("torch", "torch")}
-DEFAULT_PATH = ("graph", "fused")          # what Decoder and generate.py run on CUDA
+# step path -> (KernelChoice.step, selective_state_update backend of the per-op step)
+STEP_PATHS = {"block": ("triton_block", "auto"), "mixer": ("triton", "auto"), "triton": ("torch", "triton"),
+              "torch": ("torch", "torch")}
+DEFAULT_PATH = ("graph", "block")          # what Decoder and generate.py run on CUDA
+PREVIOUS_PATH = ("graph", "triton")        # the default before kernels/triton_decode_step.py
 
 
 def use_step_path(model, device, path: str, default) -> None:
@@ -54,7 +57,7 @@ def use_step_path(model, device, path: str, default) -> None:
     (the model's own KernelChoice) and the automatic state update."""
     step, state_update_backend = STEP_PATHS[path] if path else (default.step, "auto")
     model.use_kernels(device, dataclasses.replace(default, step=step))
-    # the unfused step always asks for "auto"; a benchmark pins its backend here
+    # the per-op step always asks for "auto"; a benchmark pins its backend here
     mamba_module.selective_state_update = functools.partial(state_update.selective_state_update,
                                                             backend=state_update_backend)
 
@@ -90,10 +93,11 @@ def median_of(fn, repeat: int) -> float:
 
 
 VARIANTS = {   # part -> (name, step path, CUDA graph, torch.compile)
-    "variants": [("eager", "torch", False, False), ("eager", "triton", False, False), ("eager", "fused", False, False),
-                 ("graph", "torch", True, False), ("graph", "triton", True, False), ("graph", "fused", True, False)],
+    "variants": [("eager", "torch", False, False), ("eager", "triton", False, False), ("eager", "block", False, False),
+                 ("graph", "torch", True, False), ("graph", "triton", True, False), ("graph", "mixer", True, False),
+                 ("graph", "block", True, False)],
     # under torch.compile the PyTorch step is traced whatever the path, and inductor fuses it
-    "compile": [("compile+graph", "fused", True, True)],
+    "compile": [("compile+graph", "block", True, True)],
 }
 
 
@@ -268,16 +272,16 @@ def table(results) -> str:
 
 
 def default_summary(results) -> str:
-    """The default path's figures at each batch, against the previous default (CUDA graph, unfused Triton step)
+    """The default path's figures at each batch, against the previous default (CUDA graph, per-op Triton step)
     and mamba_ssm's anchor."""
     lines = []
     for key, r in results["variants"].items():
         name, path, b = key.split("/")
         if (name, path) != DEFAULT_PATH or "error" in r:
             continue
-        line = (f"default path (CUDA graph, fused step), batch {r['batch']}: {r['ms_per_token']:.3f} ms/step, "
+        line = (f"default path (CUDA graph, block step), batch {r['batch']}: {r['ms_per_token']:.3f} ms/step, "
                 f"{r['e2e_ms_per_token']:.3f} ms/token end to end, {r['tokens_per_s']:,.0f} tokens/s")
-        old = results["variants"].get(f"graph/triton/{b}", {})
+        old = results["variants"].get("/".join(PREVIOUS_PATH) + f"/{b}", {})
         if "ms_per_token" in old:
             line += (f"; previous default {old['ms_per_token']:.3f} ms/step, {old['e2e_ms_per_token']:.3f} end to "
                      f"end ({old['ms_per_token'] / r['ms_per_token']:.2f}x)")

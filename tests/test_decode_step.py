@@ -147,21 +147,23 @@ def check_decoding_matches_forward(model, ids, prompt_len, tol, reference_kernel
 
 
 @interp
-def test_interp_fused_decoding_matches_forward():
+@pytest.mark.parametrize("step", ["triton_block", "triton"])
+def test_interp_fused_decoding_matches_forward(step):
     model = make_model("triton")
-    assert model.kernels_for(torch.device("cpu")).step == "triton"
+    assert model.kernels_for(torch.device("cpu")).step == "triton_block"          # the default with Triton
+    model.use_kernels("cpu", dataclasses.replace(model.kernels_for(torch.device("cpu")), step=step))
     ids = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(1))
     check_decoding_matches_forward(model, ids, prompt_len=3, tol=2e-5, reference_kernels=KernelChoice.for_scan("ref"))
 
 
 @interp
 def test_interp_adapters_on_the_projections_still_act():
-    """A LoRA adapter wraps x_proj and dt_proj: the fused step, which reads their weights, must not run (the
+    """A LoRA adapter wraps in_proj, x_proj and dt_proj: the fused steps, which read their weights, must not run (the
     adapter's delta would be lost), and decoding still equals the forward through the adapters."""
     from models.lora import LoRAConfig, apply_lora
 
     model = make_model("triton")
-    apply_lora(model, LoRAConfig(targets=["x_proj", "dt_proj"], rank=2))
+    apply_lora(model, LoRAConfig(targets=["in_proj", "x_proj", "dt_proj"], rank=2))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -174,28 +176,36 @@ def test_interp_adapters_on_the_projections_still_act():
 # ---------------------------------------------------------------- sm_90 compilation, launcher, GPU
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
-@pytest.mark.parametrize("d_in,dstate,dt_rank,width", [(1536, 16, 48, 4), (5120, 16, 160, 4), (40, 5, 3, 3)])
-def test_kernels_compile_for_hopper(d_in, dstate, dt_rank, width):
-    """Compile both kernels for sm_90 (Triton ships ptxas; no GPU needed) at mamba-130m's and mamba-2.8b's shapes
-    and an awkward one, so that a kernel the compiler rejects fails CI rather than the first GPU run."""
+@pytest.mark.parametrize("d_model,d_in,dstate,dt_rank,width", [(768, 1536, 16, 48, 4), (2560, 5120, 16, 160, 4),
+                                                               (20, 40, 5, 3, 3)])
+def test_kernels_compile_for_hopper(d_model, d_in, dstate, dt_rank, width):
+    """Compile the three kernels for sm_90 (Triton ships ptxas; no GPU needed) at mamba-130m's and mamba-2.8b's
+    shapes and an awkward one, so that a kernel the compiler rejects fails CI rather than the first GPU run."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton_decode_step import _conv_x_proj_kernel, _dt_state_update_kernel, step_config
+    from kernels.triton_decode_step import (_conv_x_proj_kernel, _dt_state_update_kernel, _norm_in_proj_conv_kernel,
+                                            block_config, parts_per_load, step_config)
 
-    bf16 = {"xz_ptr", "conv_state_ptr", "conv_w_ptr", "conv_b_ptr", "xproj_w_ptr", "xc_ptr", "dt_w_ptr", "dt_b_ptr",
-            "A_log_ptr", "D_ptr", "y_ptr"}
+    fp32 = {"res_ptr", "res_out_ptr", "parts_ptr", "state_ptr"}
     cfg = step_config(d_in, dstate, dt_rank, width)
-    for fn, constexprs in (
+    block = block_config(d_model, d_in, dstate, dt_rank, width)
+    four_warps = {"num_warps": 4}
+    for fn, constexprs, options in (
             (_conv_x_proj_kernel, dict(K=width, BLOCK_K=cfg["BLOCK_K"], HAS_CONV_BIAS=True, BLOCK_C=cfg["BLOCK_C"],
-                                       BLOCK_O=cfg["BLOCK_O"])),
-            (_dt_state_update_kernel, dict(HAS_DT_BIAS=True, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
-                                           BLOCK_R=cfg["BLOCK_R"], N_PARTS=cfg["n_parts"], BLOCK_P=cfg["BLOCK_P"]))):
-        signature = {name: "constexpr" if name in constexprs else ("*bf16" if name in bf16 else "*fp32")
-                     if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+                                       BLOCK_O=cfg["BLOCK_O"]), four_warps),
+            (_norm_in_proj_conv_kernel, dict(D_MODEL=d_model, HAS_RES=True, K=width, BLOCK_K=block["BLOCK_K"],
+                                             HAS_CONV_BIAS=True, BLOCK_B=block["BLOCK_B"], BLOCK_C=block["BLOCK_C"],
+                                             BLOCK_M=block["BLOCK_M"], BLOCK_O=block["BLOCK_O"], UPCAST=False),
+             {"num_warps": block["num_warps"], "num_stages": block["num_stages"]}),
+            *((_dt_state_update_kernel, dict(HAS_DT_BIAS=True, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
+                                             BLOCK_R=cfg["BLOCK_R"], N_PARTS=n_parts, BLOCK_P=parts_per_load(n_parts)),
+               four_warps) for n_parts in (cfg["n_parts"], block["n_parts"]))):
+        signature = {name: "constexpr" if name in constexprs else ("*fp32" if name in fp32 else "*bf16")
+                     if name.endswith("_ptr") else "fp32" if name == "eps" else "i32" for name in fn.arg_names}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                                target=GPUTarget("cuda", 90, 32), options=options)
         assert len(kernel.asm["cubin"]) > 0
 
 
@@ -206,16 +216,19 @@ def test_interpreter_suite():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixer", "block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,d_in,dstate,dt_rank,width", [(1, 1536, 16, 48, 4), (64, 1536, 16, 48, 4),
-                                                             (3, 5120, 16, 160, 4), (2, 100, 7, 5, 3)])
-def test_gpu_mixer_step_matches_reference(batch, d_in, dstate, dt_rank, width, dtype):
-    check_mixer_step(batch, d_in, dstate, dt_rank, width, dtype, "cuda")
+@pytest.mark.parametrize("batch,d_model,d_in,dstate,dt_rank,width", [
+    (1, 768, 1536, 16, 48, 4), (64, 768, 1536, 16, 48, 4), (3, 2560, 5120, 16, 160, 4), (17, 50, 100, 7, 5, 3)])
+def test_gpu_step_matches_reference(kind, batch, d_model, d_in, dstate, dt_rank, width, dtype):
+    check_step(kind, batch, d_model, d_in, dstate, dt_rank, width, dtype, "cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_fused_decoding_matches_forward():
+@pytest.mark.parametrize("step", ["triton_block", "triton"])
+def test_gpu_fused_decoding_matches_forward(step):
     model = make_model("auto", "cuda", d_model=128, n_layer=3, d_state=16, d_conv=4, vocab_size=300)
-    assert model.kernels_for(torch.device("cuda")).step == "triton"
+    assert model.kernels_for(torch.device("cuda")).step == "triton_block"
+    model.use_kernels("cuda", dataclasses.replace(model.kernels_for(torch.device("cuda")), step=step))
     ids = torch.randint(0, 300, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     check_decoding_matches_forward(model, ids, prompt_len=17, tol=1e-4)
