@@ -1,6 +1,7 @@
 """Decoding speed: the default step against the paths it replaced, flat per-token cost, and HF transformers.
 
     python bench/bench_generate.py --parts variants,kernels --out $OUT/gen.json   # GPU, ~1.5 min: every step path
+    python bench/bench_generate.py --parts sweep --out $OUT/sweep.json           # GPU, ~1 min: the block step's knobs
     python bench/bench_generate.py                       # GPU: medium shape (768 x 24, vocab 50280), bf16, all parts
     python bench/bench_generate.py --quick --device cpu  # a tiny shape, to check the script runs
 
@@ -178,6 +179,45 @@ def bench_kernels(model, args, device, results):
     use_step_path(model, device, None, default)
 
 
+SWEEP = [  # kernels/triton_decode_step.py constants: the default first
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=128, BLOCK_WARPS=8, BLOCK_STAGES=2, STATE_TILE=1024),
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=64, BLOCK_WARPS=4, BLOCK_STAGES=2, STATE_TILE=1024),
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=256, BLOCK_WARPS=8, BLOCK_STAGES=2, STATE_TILE=1024),
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=128, BLOCK_WARPS=8, BLOCK_STAGES=1, STATE_TILE=1024),
+    dict(BLOCK_CHANNELS=32, BLOCK_MODEL=128, BLOCK_WARPS=8, BLOCK_STAGES=2, STATE_TILE=1024),
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=128, BLOCK_WARPS=8, BLOCK_STAGES=2, STATE_TILE=512),
+    dict(BLOCK_CHANNELS=16, BLOCK_MODEL=128, BLOCK_WARPS=8, BLOCK_STAGES=2, STATE_TILE=2048),
+]
+
+
+def bench_sweep(model, args, device, results):
+    """The block step's block sizes (kernels/triton_decode_step.py constants): ms/token of the CUDA-graph step at
+    batch 1 for each, to set them from."""
+    if device.type != "cuda":
+        print("sweep: needs CUDA, skipped", flush=True)
+        return
+    from kernels import triton_decode_step as tds
+
+    default = model.kernels_for(device)
+    use_step_path(model, device, "block", default)
+    saved = {name: getattr(tds, name) for name in SWEEP[0]}
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    for knobs in SWEEP:
+        for name, value in knobs.items():
+            setattr(tds, name, value)
+        decoder = Decoder(model, 1)
+        decoder.decode(ids, 4, GREEDY)                                 # warm-up (compiles this variant)
+        step_s = median_of(lambda: decode_loop(decoder, ids, args.new_tokens), args.repeat)
+        label = ", ".join(f"{k}={v}" for k, v in knobs.items())
+        results["sweep"].append(dict(knobs, ms_per_token=step_s * 1e3))
+        print(f"sweep {label}: {step_s * 1e3:.3f} ms/step", flush=True)
+        del decoder
+    for name, value in saved.items():
+        setattr(tds, name, value)
+    use_step_path(model, device, None, default)
+
+
 def bench_context(model, args, device, results):
     """Per-token latency and decode-loop peak memory after long prompts: both must not grow with the context."""
     vocab = model.config.vocab_size
@@ -255,6 +295,12 @@ def table(results) -> str:
         default = " (default)" if (name, path) == DEFAULT_PATH else ""
         rows.append(f"| {name}{default} | {path} | {r['batch']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:,.0f} "
                     f"| {r['e2e_ms_per_token']:.3f} | {r['equal_leading_tokens']}/{r['new_tokens']} |")
+    if results["sweep"]:
+        names = list(SWEEP[0])
+        rows += ["", "| " + " | ".join(names) + " | ms/token (batch 1, CUDA graph) |",
+                 "| " + " | ".join("---" for _ in names) + " | --- |"]
+        for r in results["sweep"]:
+            rows.append("| " + " | ".join(str(r[n]) for n in names) + f" | {r['ms_per_token']:.3f} |")
     if results["kernels"]:
         rows += ["", "| step path | CUDA kernels per step (batch 1) | per layer |", "| --- | --- | --- |"]
         for path, r in results["kernels"].items():
@@ -299,8 +345,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--parts", default="variants,kernels,context,hf,compile",
                    help="comma-separated parts to run, in this order: variants (eager and CUDA graph, every step "
-                        "path), kernels (CUDA kernels per step), context, hf, compile (torch.compile + CUDA graph: "
-                        "slow to compile, so last)")
+                        "path), kernels (CUDA kernels per step), sweep (the block step's block sizes, not by "
+                        "default), context, hf, compile (torch.compile + CUDA graph: slow to compile, so last)")
     p.add_argument("--out", default="bench_generate.json")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -320,10 +366,10 @@ def main():
         model.backbone.embeddings.weight.normal_(0, 1.0)
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, shape=shape, dtype=args.dtype, prompt_len=args.prompt_len,
-                   variants={}, kernels={}, context={}, hf={})
+                   variants={}, kernels={}, sweep=[], context={}, hf={})
     print(f"{results['device']}, torch {torch.__version__}, {shape}, {args.dtype}", flush=True)
     parts = dict(variants=bench_variants, compile=functools.partial(bench_variants, part="compile"),
-                 kernels=bench_kernels, context=bench_context, hf=bench_hf)
+                 kernels=bench_kernels, sweep=bench_sweep, context=bench_context, hf=bench_hf)
     for part in filter(None, args.parts.split(",")):
         if part not in parts:
             p.error(f"--parts: unknown part {part!r}; allowed: {', '.join(parts)}")

@@ -45,6 +45,11 @@ def _conv_x_proj_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_c = offs_c < dim
     mask_ck = mask_c[:, None] & (offs_k < K)[None, :]
+    # x_proj's columns for these channels, loaded first: the largest load, and independent of the conv
+    offs_o = tl.arange(0, BLOCK_O)
+    mask_o = offs_o < n_out
+    wx = tl.load(xproj_w_ptr + offs_o[:, None] * s_wo + offs_c[None, :] * s_wc,
+                 mask=mask_o[:, None] & mask_c[None, :], other=0.0).to(tl.float32)          # (BO, BC)
 
     # the conv window shifted left by one, the new x as its last column (as kernels/triton_conv.py's step)
     state_ptrs = conv_state_ptr + pid_b * s_sb + offs_c[:, None] * s_sd
@@ -62,10 +67,6 @@ def _conv_x_proj_kernel(
     tl.store(xc_ptr + pid_b * s_xcb + offs_c, x, mask=mask_c)
 
     # this block's share of x_proj: parts[pid_c, b, o] = sum over its channels c of W[o, c] x[c]
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < n_out
-    wx = tl.load(xproj_w_ptr + offs_o[:, None] * s_wo + offs_c[None, :] * s_wc,
-                 mask=mask_o[:, None] & mask_c[None, :], other=0.0).to(tl.float32)          # (BO, BC)
     part = tl.sum(wx * x.to(tl.float32)[None, :], axis=1)                                   # (BO,)
     tl.store(parts_ptr + pid_c * s_pp + pid_b * s_pb + offs_o, part, mask=mask_o)
 
@@ -99,6 +100,24 @@ def _norm_in_proj_conv_kernel(
     mask_b = rows < batch
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < dim
+    mask_bc = mask_b[:, None] & mask_c[None, :]
+
+    # What does not depend on in_proj is loaded first, so that its latency hides behind the in_proj loop's loads:
+    # the conv window shifted left by one (its last column is x_in, below), the conv weights and bias, and this
+    # block's columns of x_proj's weight.
+    offs_k = tl.arange(0, BLOCK_K)
+    state_ptrs = conv_state_ptr + rows[:, None, None] * s_sb + offs_c[None, :, None] * s_sd         # (BB, BC, 1)
+    shifted = tl.load(state_ptrs + (offs_k + 1)[None, None, :] * s_sk,
+                      mask=mask_bc[:, :, None] & (offs_k + 1 < K)[None, None, :], other=0.0)  # (BB, BC, BK)
+    cw = tl.load(conv_w_ptr + offs_c[:, None] * s_cwd + offs_k[None, :] * s_cwk,
+                 mask=mask_c[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)   # (BC, BK)
+    conv_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_CONV_BIAS:
+        conv_b = tl.load(conv_b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    offs_o = tl.arange(0, BLOCK_O)
+    mask_o = offs_o < n_out
+    w_p = tl.load(xproj_w_ptr + offs_o[None, :] * s_wo + offs_c[:, None] * s_wc,
+                  mask=mask_c[:, None] & mask_o[None, :], other=0.0)                        # (BC, BO)
 
     # 1/rms of each row's new residual stream s = h + residual (fp32); the rows are read again below, from L1/L2
     sumsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -131,31 +150,18 @@ def _norm_in_proj_conv_kernel(
         w_z = tl.load(in_w_ptr + (dim + offs_c)[None, :] * s_iwo + cols[:, None] * s_iwi, mask=mask_mc, other=0.0)
         acc_x = _dot(normed, w_x, acc_x, UPCAST)                                             # (BB, BC)
         acc_z = _dot(normed, w_z, acc_z, UPCAST)
-    mask_bc = mask_b[:, None] & mask_c[None, :]
     tl.store(z_ptr + rows[:, None] * s_zb + offs_c[None, :], acc_z.to(z_ptr.dtype.element_ty), mask=mask_bc)
     x_in = acc_x.to(z_ptr.dtype.element_ty)               # in_proj's x, rounded as the model's activations are
 
     # the conv window (BB, BC, BK) shifted left by one with x_in as its last column, in place
-    offs_k = tl.arange(0, BLOCK_K)
-    state_ptrs = conv_state_ptr + rows[:, None, None] * s_sb + offs_c[None, :, None] * s_sd         # (BB, BC, 1)
-    shifted = tl.load(state_ptrs + (offs_k + 1)[None, None, :] * s_sk,
-                      mask=mask_bc[:, :, None] & (offs_k + 1 < K)[None, None, :], other=0.0)
     window = tl.where((offs_k == K - 1)[None, None, :], x_in[:, :, None].to(shifted.dtype), shifted)
     tl.debug_barrier()             # every column is read before any is overwritten
     tl.store(state_ptrs + offs_k[None, None, :] * s_sk, window, mask=mask_bc[:, :, None] & (offs_k < K)[None, None, :])
-    cw = tl.load(conv_w_ptr + offs_c[:, None] * s_cwd + offs_k[None, :] * s_cwk,
-                 mask=mask_c[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)   # (BC, BK)
-    x = tl.sum(window.to(tl.float32) * cw[None, :, :], axis=2)                               # (BB, BC)
-    if HAS_CONV_BIAS:
-        x += tl.load(conv_b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    x = tl.sum(window.to(tl.float32) * cw[None, :, :], axis=2) + conv_b[None, :]             # (BB, BC)
     x = (x * tl.sigmoid(x)).to(xc_ptr.dtype.element_ty)
     tl.store(xc_ptr + rows[:, None] * s_xcb + offs_c[None, :], x, mask=mask_bc)
 
     # this block's share of x_proj: parts[pid_c, row, o] = sum over its channels c of W[o, c] x[row, c]
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < n_out
-    w_p = tl.load(xproj_w_ptr + offs_o[None, :] * s_wo + offs_c[:, None] * s_wc,
-                  mask=mask_c[:, None] & mask_o[None, :], other=0.0)                        # (BC, BO)
     part = _dot(x.to(w_p.dtype), w_p, tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32), UPCAST)  # (BB, BO)
     tl.store(parts_ptr + pid_c * s_pp + rows[:, None] * s_pb + offs_o[None, :], part,
              mask=mask_b[:, None] & mask_o[None, :])
@@ -179,6 +185,19 @@ def _dt_state_update_kernel(
     mask_r = offs_r < dt_rank
     mask_dn = mask_d[:, None] & mask_n[None, :]
 
+    # What does not depend on kernel 1's partials is loaded first, so that its latency hides behind theirs.
+    w = tl.load(dt_w_ptr + offs_d[:, None] * s_dwd + offs_r[None, :] * s_dwr,
+                mask=mask_d[:, None] & mask_r[None, :], other=0.0)                          # (BD, BR)
+    dt_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    x = tl.load(xc_ptr + pid_b * s_xcb + offs_d, mask=mask_d, other=0.0).to(tl.float32)     # (BD,)
+    z = tl.load(z_ptr + pid_b * s_zb + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A_log = tl.load(A_log_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0)
+    state_ptrs = state_ptr + pid_b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :] * s_sn
+    state = tl.load(state_ptrs, mask=mask_dn, other=0.0)                                     # (BD, BN) fp32
+
     # x_proj's output for this row: kernel 1's partials summed over its channel blocks, BLOCK_P at a time (always
     # in the same order)
     dt_low = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -193,24 +212,11 @@ def _dt_state_update_kernel(
         C += tl.sum(tl.load(row + dt_rank + dstate + offs_n[None, :], mask=mask_p & mask_n[None, :], other=0.0),
                     axis=0)                                                                  # (BR,), (BN,), (BN,)
 
-    # delta = softplus(dt_proj_weight @ dt_low + bias) for this block's channels
-    w = tl.load(dt_w_ptr + offs_d[:, None] * s_dwd + offs_r[None, :] * s_dwr,
-                mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)           # (BD, BR)
-    dt = tl.sum(w * dt_low[None, :], axis=1)                                                 # (BD,)
-    if HAS_DT_BIAS:
-        dt += tl.load(dt_b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = _softplus(dt)
-
-    x = tl.load(xc_ptr + pid_b * s_xcb + offs_d, mask=mask_d, other=0.0).to(tl.float32)     # (BD,)
-    z = tl.load(z_ptr + pid_b * s_zb + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    A = -tl.exp(tl.load(A_log_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn,
-                        other=0.0).to(tl.float32))                                           # (BD, BN)
-    state_ptrs = state_ptr + pid_b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :] * s_sn
-    state = tl.load(state_ptrs, mask=mask_dn, other=0.0)                                     # (BD, BN) fp32
+    dt = _softplus(tl.sum(w.to(tl.float32) * dt_low[None, :], axis=1) + dt_bias)   # softplus(W_dt dt_low + b) (BD,)
+    A = -tl.exp(A_log.to(tl.float32))                                                        # (BD, BN)
     state = tl.exp2(dt[:, None] * A * LOG2E) * state + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, state, mask=mask_dn)
-    y = tl.sum(state * C[None, :], axis=1)                                                   # (BD,)
-    y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    y = tl.sum(state * C[None, :], axis=1) + D * x                                           # (BD,)
     y *= z * tl.sigmoid(z)
     tl.store(y_ptr + pid_b * s_yb + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
@@ -282,8 +288,8 @@ def _state_update(z, xc, parts, ssm_state, dt_proj_weight, dt_proj_bias, A_log, 
     )
 
 
-# The block step's kernel 1. Registers (ptxas, sm_90, mamba-130m's shape): 190 per thread at 8 warps, BLOCK_MODEL 128
-# and 2 stages, no spills; 4 warps or BLOCK_MODEL 256 take 250+ and spill.
+# The block step's kernel 1. Registers (ptxas, sm_90, mamba-130m's shape): 229 per thread at 8 warps, BLOCK_MODEL 128
+# and 2 stages, no spills; 4 warps or BLOCK_MODEL 256 take 255 and spill.
 BLOCK_ROWS = 16        # batch rows per program (tl.dot's least M)
 BLOCK_CHANNELS = 16    # channels per program: in_proj's 2 x 16 rows; 96 programs at d_inner 1536
 BLOCK_MODEL = 128      # d_model elements per step of the loop over in_proj's inner dimension
