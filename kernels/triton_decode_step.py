@@ -247,9 +247,9 @@ def mixer_step_triton(xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_
     k = conv_weight.shape[1]
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"the SSM state must be fp32 (it is updated in place), got {ssm_state.dtype}")
-    if xz.shape != (batch, 2 * dim) or xz.stride(1) != 1:
-        raise ValueError(f"xz must be ({batch}, {2 * dim}) with unit stride along channels, got {tuple(xz.shape)} "
-                         f"strides {xz.stride()}")
+    if xz.shape != (batch, 2 * dim):
+        raise ValueError(f"xz must be ({batch}, {2 * dim}), got {tuple(xz.shape)}")
+    xz = xz if xz.stride(1) == 1 else xz.contiguous()                      # rows may be strided, channels not
     if conv_state.shape != (batch, dim, k) or x_proj_weight.shape != (n_out, dim) or A_log.shape != (dim, dstate):
         raise ValueError(f"shapes do not match: conv_state {tuple(conv_state.shape)}, x_proj_weight "
                          f"{tuple(x_proj_weight.shape)}, A_log {tuple(A_log.shape)} for d_inner {dim}, d_state "
@@ -316,10 +316,10 @@ def block_step_triton(h, residual, norm_weight, eps, in_proj_weight, conv_state,
     k = conv_weight.shape[1]
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"the SSM state must be fp32 (it is updated in place), got {ssm_state.dtype}")
-    if h.shape != (batch, d_model) or h.stride(1) != 1 or (residual is not None and (
-            residual.shape != h.shape or residual.stride(1) != 1)):
-        raise ValueError(f"h and residual must be ({batch}, d_model) with unit stride along d_model, got "
-                         f"{tuple(h.shape)} and {None if residual is None else tuple(residual.shape)}")
+    if h.shape != (batch, d_model) or (residual is not None and residual.shape != h.shape):
+        raise ValueError(f"h and residual must be ({batch}, d_model), got {tuple(h.shape)} and "
+                         f"{None if residual is None else tuple(residual.shape)}")
+    h, residual = (t if t is None or t.stride(1) == 1 else t.contiguous() for t in (h, residual))   # rows strided
     if in_proj_weight.shape != (2 * dim, d_model) or x_proj_weight.shape != (n_out, dim) or (
             conv_state.shape != (batch, dim, k)) or A_log.shape != (dim, dstate) or norm_weight.shape != (d_model,):
         raise ValueError(f"shapes do not match: in_proj_weight {tuple(in_proj_weight.shape)}, x_proj_weight "
