@@ -70,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "answered with the chat template until the end-of-turn marker; Ctrl-D ends it")
     p.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step (fewer kernels per token; the first call compiles)")
+                   help="torch.compile the decoding step (the first call compiles); it traces the per-op PyTorch "
+                        "step instead of the fused Triton one that runs by default on a GPU "
+                        "(bench/bench_generate.py times both)")
     return p.parse_args(argv)
 
 

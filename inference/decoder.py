@@ -1,10 +1,11 @@
 """Fast recurrent decoding: one parallel prefill fills the cache, then one O(1) step per new token.
 
 A Mamba decoder carries a fixed-size state (per layer: the last d_conv conv inputs and the (d_in, n) SSM state), so
-the time and memory of a step do not depend on how long the context is. At small batch a step is a few hundred
-tiny kernels and the GPU waits on their launches, so on CUDA the step is captured once in a CUDA graph over static
-buffers (the cache, the input tokens, the logits) and each token replays it: one launch instead of hundreds.
-Optionally the step is first compiled with torch.compile, which fuses its elementwise work into fewer kernels.
+the time and memory of a step do not depend on how long the context is. At small batch a step is a chain of tiny
+kernels (three per Mamba-1 layer with the fused block step, kernels/decode_step.py) and the GPU would wait on their
+launches, so on CUDA the step is captured once in a CUDA graph over static buffers (the cache, the input tokens,
+the logits) and each token replays it: one launch per token. Optionally the step is first compiled with
+torch.compile, which traces the per-op step and fuses its elementwise work itself.
 On the CPU the same step runs eagerly.
 
 Shape letters as in models/mamba.py: b batch, l prompt length, v padded vocabulary.

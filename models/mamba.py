@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import (add_rms_norm, causal_conv1d, causal_conv1d_update, linear_cross_entropy, resolve_backend,
-                     selective_scan, selective_state_update)
+from kernels import (add_rms_norm, block_step, causal_conv1d, causal_conv1d_update, linear_cross_entropy,
+                     mixer_step, resolve_backend, selective_scan, selective_state_update)
 
 from .config import MambaConfig
 from .sampling import SamplingParams, sample
@@ -53,12 +53,17 @@ class KernelChoice:
     scan: str             # kernels.selective_scan backend
     conv: str             # kernels.causal_conv1d backend
     norm: str             # kernels.add_rms_norm backend
+    # a block's decoding step (kernels/decode_step.py): "triton_block" = two Triton kernels for all of it but
+    # out_proj (add+RMSNorm, in_proj and the conv in the first); "triton" = add+RMSNorm and in_proj apart, then two
+    # kernels for the mixer; "torch" = one module or kernel per op (the conv step and the state update still take
+    # their own Triton kernels on CUDA)
+    step: str = "torch"
 
     @classmethod
     def for_scan(cls, scan: str) -> "KernelChoice":
-        # The conv and norm kernels follow the scan: fused Triton kernels together, or PyTorch together.
+        # The conv, norm and step kernels follow the scan: fused Triton kernels together, or PyTorch together.
         fused = "triton" if scan == "triton" else "torch"
-        return cls(scan=scan, conv=fused, norm=fused)
+        return cls(scan=scan, conv=fused, norm=fused, step="triton_block" if scan == "triton" else "torch")
 
 
 def resolve_or_fall_back(resolve, requested: str, device: torch.device, what: str) -> str:
@@ -188,10 +193,30 @@ class SelectiveSSM(nn.Module):
             ssm_state.copy_(last_state)
         return self.out_proj(y.transpose(1, 2))                                # (b, l, d)
 
+    def fused_step_runs(self, kernels: KernelChoice, with_in_proj: bool = False) -> bool:
+        """Whether the fused decoding step (kernels/decode_step.py; with in_proj: the block step) runs here. It reads
+        the projections' weights itself, so only where they are plain linears (a LoRA adapter wraps them:
+        models/lora.py), and not under torch.compile, which traces the PyTorch step and fuses it itself (a Triton
+        launcher cannot be traced)."""
+        wanted = ("triton_block",) if with_in_proj else ("triton", "triton_block")
+        linears = (self.x_proj, self.dt_proj, self.in_proj) if with_in_proj else (self.x_proj, self.dt_proj)
+        return (kernels.step in wanted and all(type(m) is nn.Linear for m in linears)
+                and not (with_in_proj and self.in_proj.bias is not None) and not torch.compiler.is_compiling())
+
+    def step_weights(self) -> tuple:
+        """The mixer's weights after in_proj, as kernels.mixer_step takes them: conv weight (d_in, k) and bias,
+        x_proj and dt_proj weights, dt_proj bias, A_log, D."""
+        return (self.conv1d.weight[:, 0, :], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D)
+
     def step(self, x, conv_state, ssm_state, kernels=KernelChoice.for_scan("ref")):
         """One token. Args: x (b, d); conv_state (b, d_in, k) and ssm_state (b, d_in, n), updated in place.
         Returns: (b, d)"""
-        x, z = self.in_proj(x).chunk(2, dim=-1)                                # (b, d_in) each
+        xz = self.in_proj(x)                                                   # (b, 2*d_in)
+        if self.fused_step_runs(kernels):
+            y = mixer_step(xz, conv_state, ssm_state, *self.step_weights(), backend="triton")   # (b, d_in)
+            return self.out_proj(y)                                            # (b, d)
+        x, z = xz.chunk(2, dim=-1)                                             # (b, d_in) each
         # one kernel for the conv window's shift and dot product where the fused kernels run (under torch.compile
         # the PyTorch step is traced and fused by the compiler instead)
         fused = kernels.conv == "triton" and not torch.compiler.is_compiling()
@@ -218,11 +243,13 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
         self.mixer = SelectiveSSM(config)
 
+    def _residual_dtype(self) -> torch.dtype:
+        return torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype
+
     def _add_norm(self, h, residual, backend):
-        residual_dtype = torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype
         return add_rms_norm(h, residual, self.norm.weight, self.norm.eps,
-                            out_dtype=_compute_dtype(h, self.mixer.in_proj.weight), residual_dtype=residual_dtype,
-                            backend=backend)
+                            out_dtype=_compute_dtype(h, self.mixer.in_proj.weight),
+                            residual_dtype=self._residual_dtype(), backend=backend)
 
     def forward(self, h, residual=None, attention_mask=None, conv_state=None, ssm_state=None,
                 kernels=KernelChoice.for_scan("ref")):
@@ -233,8 +260,16 @@ class MambaBlock(nn.Module):
 
     def step(self, h, residual, conv_state, ssm_state, kernels=KernelChoice.for_scan("ref")):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
+        mixer = self.mixer
+        in_proj = mixer.in_proj.weight
+        # the block step computes the norm in in_proj's dtype: not under autocast, which would run in_proj in another
+        if mixer.fused_step_runs(kernels, with_in_proj=True) and _compute_dtype(h, in_proj) == in_proj.dtype:
+            y, residual = block_step(h, residual, self.norm.weight, self.norm.eps, in_proj, conv_state, ssm_state,
+                                     *mixer.step_weights(), residual_dtype=self._residual_dtype(),
+                                     backend="triton")                         # (b, d_in), (b, d)
+            return mixer.out_proj(y), residual
         normed, residual = self._add_norm(h, residual, kernels.norm)
-        return self.mixer.step(normed, conv_state, ssm_state, kernels), residual
+        return mixer.step(normed, conv_state, ssm_state, kernels), residual
 
 
 class MambaLanguageModel(nn.Module):
@@ -282,12 +317,18 @@ class MambaLanguageModel(nn.Module):
             self._kernels = (device.type, self._choose_kernels(device))
         return self._kernels[1]
 
+    def use_kernels(self, device: torch.device | str, choice) -> None:
+        """Run `choice` on `device`'s type from now on instead of what kernels_for picked: for a benchmark that times
+        one kernel against another on the same weights (bench/bench_generate.py --parts variants)."""
+        self._kernels = (torch.device(device).type, choice)
+
     def _choose_kernels(self, device: torch.device) -> KernelChoice:
         """Each family's own choice of kernels for `device` (called once per device type by kernels_for)."""
         requested = self.config.scan_backend
         choice = KernelChoice.for_scan(resolve_or_fall_back(resolve_backend, requested, device, "scan"))
         logger.info("kernels on %s: selective scan %s (requested %r), causal conv %s, add+RMSNorm %s, "
-                    "LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm)
+                    "decoding step %s, LM loss chunked", device.type, choice.scan, requested, choice.conv, choice.norm,
+                    choice.step)
         return choice
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
