@@ -108,13 +108,13 @@ def _dstates_kernel(
 
 @triton.jit
 def _state_passing_bwd_kernel(
-    dstates_ptr, states_ptr, final_ptr, acum_ptr, dfinal_ptr, dinit_ptr, dend_ptr,
+    dstates_ptr, states_ptr, acum_ptr, dfinal_ptr, dinit_ptr, dend_ptr,
     nheads, chunk_size, nchunks, state_size,
     HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Backwards over the chunks: G_c, the gradient of H_c, is dH_c + exp(acum_end_c) G_{c+1}, from G_nc = dfinal.
-    # dS_c = G_{c+1} overwrites dH_c; acum_end_c's gradient (through the state passing and the chunk state's
-    # exp(acum_end - acum_s)) is sum(G_{c+1} * H_{c+1}), one partial sum per block of state elements.
+    # dS_c = G_{c+1} overwrites dH_c; acum_end_c's gradient through the state passing is
+    # exp(acum_end_c) sum(G_{c+1} * H_c), one partial sum per block of state elements.
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_b = pid_bh // nheads
@@ -126,16 +126,16 @@ def _state_passing_bwd_kernel(
         G = tl.load(dfinal_ptr + pid_bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         G = tl.zeros((BLOCK,), dtype=tl.float32)
-    H_next = tl.load(final_ptr + pid_bh * state_size + offs, mask=mask, other=0.0)       # H_{c+1}
     acum_last = acum_ptr + pid_bh * nchunks * chunk_size + chunk_size - 1                # (b, h, c, Q)[..., Q-1]
     c = nchunks - 1
     while c >= 0:
-        tl.store(dend_ptr + (pid_bh * nchunks + c) * n_sblocks + pid_s, tl.sum(G * H_next, axis=0))
         ptr = ((pid_b * nchunks + c) * nheads + pid_h) * state_size + offs                 # (b, c, h, p * n)
+        H = tl.load(states_ptr + ptr, mask=mask, other=0.0)                                 # H_c
+        decay = tl.exp(tl.load(acum_last + c * chunk_size))
+        tl.store(dend_ptr + (pid_bh * nchunks + c) * n_sblocks + pid_s, decay * tl.sum(G * H, axis=0))
         dH = tl.load(dstates_ptr + ptr, mask=mask, other=0.0)
         tl.store(dstates_ptr + ptr, G, mask=mask)                                           # dS_c
-        H_next = tl.load(states_ptr + ptr, mask=mask, other=0.0)                            # H_c
-        G = dH + tl.exp(tl.load(acum_last + c * chunk_size)) * G
+        G = dH + decay * G
         c -= 1
     if HAS_INIT:
         tl.store(dinit_ptr + pid_bh * state_size + offs, G.to(dinit_ptr.dtype.element_ty), mask=mask)
@@ -183,6 +183,13 @@ def _dx_kernel(
                   mask=mask_n[:, None] & mask_p[None, :], other=0.0)                     # (BN, BP) fp32
     acc = _dot(Bm, dST, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
     acc = acc * tl.exp(tl.where(mask_m, acum_end - acum_m, float("-inf")))[:, None]      # (BM, BP)
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    xm = tl.load(x_ptr + pid_b * s_xb + pid_h * s_xh + offs_tm[:, None] * s_xl + offs_p[None, :] * s_xp,
+                 mask=mask_mp, other=0.0).to(tl.float32)
+    # (b, h, c, 2, p-block, Q): this p-block's part of ddt's direct term [0], and of the chunk state's share of it
+    # [1] (which acum's gradient needs alone); every step of the chunk is written
+    ddt_part = (((pid_b * nheads + pid_h) * nchunks + pid_c) * 2 * n_pblocks + pid_p) * chunk_size + offs_m
+    tl.store(ddt_part_ptr + n_pblocks * chunk_size + ddt_part, tl.sum(acc * xm, axis=1), mask=offs_m < chunk_size)
 
     # within the chunk: the outputs t >= s, blocks of BLOCK_K steps t from this block's first step
     C_base = C_ptr + pid_b * s_Cb + pid_g * s_Cg
@@ -203,12 +210,7 @@ def _dx_kernel(
         acc += _dot(CBT * decay, dYk, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
         k += BLOCK_K
 
-    mask_mp = mask_m[:, None] & mask_p[None, :]
-    xm = tl.load(x_ptr + pid_b * s_xb + pid_h * s_xh + offs_tm[:, None] * s_xl + offs_p[None, :] * s_xp,
-                 mask=mask_mp, other=0.0).to(tl.float32)
-    # (b, h, c, p-block, Q): this p-block's part of ddt's direct term; every step of the chunk is written
-    ddt_part = ((pid_b * nheads + pid_h) * nchunks + pid_c) * n_pblocks + pid_p
-    tl.store(ddt_part_ptr + ddt_part * chunk_size + offs_m, tl.sum(acc * xm, axis=1), mask=offs_m < chunk_size)
+    tl.store(ddt_part_ptr + ddt_part, tl.sum(acc * xm, axis=1), mask=offs_m < chunk_size)
     dx = acc * dt_m[:, None]
     if HAS_D:
         dYm = tl.load(dY_base + offs_tm[:, None] * s_yl + offs_p[None, :] * s_yp, mask=mask_mp,
@@ -234,7 +236,8 @@ def _dcb_kernel(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One (BM x BK) block of (t, s) on or below the diagonal of one group's chunk: dCB[t,s] = sum over the group's
-    # heads of exp(acum_t - acum_s) dt_s (dY_t . x_s), and per head the row sums of M = CB * that head's term.
+    # heads of exp(acum_t - acum_s) dt_s (dY_t . x_s), and per head the row sums (into acum_t) and minus the column
+    # sums (into acum_s) of M = CB * that head's term, strictly below the diagonal (M[t,t] enters both and cancels).
     pid_ts = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_bg = tl.program_id(2)
@@ -259,6 +262,8 @@ def _dcb_kernel(
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)                 # (BN, BK)
         CB = _dot(Cm, BT, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)                         # (BM, BK)
         causal = (offs_m[:, None] >= offs_k[None, :]) & mask_m[:, None] & mask_k[None, :]
+        CB = tl.where(offs_m[:, None] > offs_k[None, :], CB, 0.0)                       # for M: strictly below
+        n_mblocks = tl.cdiv(chunk_size, BLOCK_M)
         dcb = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         h = pid_g * heads_per_group
         while h < (pid_g + 1) * heads_per_group:
@@ -279,10 +284,14 @@ def _dcb_kernel(
                 p += BLOCK_P
             decay = tl.exp(tl.where(causal, acum_m[:, None] - acum_k[None, :], float("-inf")))
             dcb_h = dYx * decay * dt_k[None, :]
-            # (b, h, c, k-block + 1 slots, Q): slot pid_k holds this block's row sums
-            rows = ((pid_b * nheads + h) * nchunks + pid_c) * (n_kblocks + 1) + pid_k
-            tl.store(dacum_rows_ptr + rows * chunk_size + offs_m, tl.sum(CB * dcb_h, axis=1),
+            # (b, h, c, n_kblocks + 1 + n_mblocks slots, Q): slot pid_k this block's row sums, slot
+            # n_kblocks + 1 + pid_m minus its column sums
+            M = CB * dcb_h
+            slots = ((pid_b * nheads + h) * nchunks + pid_c) * (n_kblocks + 1 + n_mblocks)
+            tl.store(dacum_rows_ptr + (slots + pid_k) * chunk_size + offs_m, tl.sum(M, axis=1),
                      mask=offs_m < chunk_size)
+            tl.store(dacum_rows_ptr + (slots + n_kblocks + 1 + pid_m) * chunk_size + offs_k, -tl.sum(M, axis=0),
+                     mask=offs_k < chunk_size)
             dcb += dcb_h
             h += 1
         # (b, c, g, Q, Q) fp32
@@ -332,6 +341,7 @@ def _dc_kernel(
     Cm = tl.load(C_ptr + pid_b * s_Cb + pid_g * s_Cg + offs_tm[:, None] * s_Cl + offs_n[None, :] * s_Cn,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)       # (BM, BN)
     n_kblocks = tl.cdiv(chunk_size, BLOCK_K)
+    n_slots = n_kblocks + 1 + tl.cdiv(chunk_size, BLOCK_M)
     h = pid_g * heads_per_group
     while h < (pid_g + 1) * heads_per_group:
         chunk_base = (pid_b * nheads + h) * nchunks * chunk_size + pid_c * chunk_size
@@ -349,7 +359,7 @@ def _dc_kernel(
             acc_h += _dot(dYm, H, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
             p += BLOCK_P
         acc_h = acc_h * tl.exp(tl.where(mask_m, acum_m, float("-inf")))[:, None]
-        rows = ((pid_b * nheads + h) * nchunks + pid_c) * (n_kblocks + 1) + n_kblocks
+        rows = ((pid_b * nheads + h) * nchunks + pid_c) * n_slots + n_kblocks
         tl.store(dacum_rows_ptr + rows * chunk_size + offs_m, tl.sum(acc_h * Cm, axis=1), mask=offs_m < chunk_size)
         acc += acc_h
         h += 1
@@ -452,11 +462,15 @@ def _dt_bwd_kernel(
     # the pieces, each (b, h, c, slot, Q) fp32 except acum_end's, (b, h, c, slot)
     bhc = (pid_b * nheads + offs_h[None, :]) * nchunks + pid_c                             # (1, BH)
     ddt = tl.zeros((BLOCK_Q, BLOCK_H), dtype=tl.float32)
+    ddt_state = tl.zeros((BLOCK_Q, BLOCK_H), dtype=tl.float32)
     j = 0
     while j < n_pblocks:
-        ddt += tl.load(ddt_part_ptr + (bhc * n_pblocks + j) * chunk_size + offs_q[:, None], mask=mask_qh, other=0.0)
+        ddt += tl.load(ddt_part_ptr + (bhc * 2 * n_pblocks + j) * chunk_size + offs_q[:, None], mask=mask_qh,
+                       other=0.0)
+        ddt_state += tl.load(ddt_part_ptr + (bhc * 2 * n_pblocks + n_pblocks + j) * chunk_size + offs_q[:, None],
+                             mask=mask_qh, other=0.0)
         j += 1
-    dacum = -dt * ddt
+    dacum = tl.zeros((BLOCK_Q, BLOCK_H), dtype=tl.float32)
     j = 0
     while j < n_rowslots:
         dacum += tl.load(dacum_rows_ptr + (bhc * n_rowslots + j) * chunk_size + offs_q[:, None], mask=mask_qh,
@@ -470,7 +484,11 @@ def _dt_bwd_kernel(
         j += 1
     dacum += tl.where(offs_q[:, None] == chunk_size - 1, dend[None, :], 0.0)
 
-    da = tl.cumsum(dacum, axis=0, reverse=True)                                           # (BQ, BH)
+    # a_k's gradient: the reverse cumulative sum of acum's, and the chunk state's share, sum_{s < k} dt_s u_s with
+    # u_s its part of ddt_s (exp(acum_end - acum_s) moves with a_k for s < k <= Q; summed directly, not as a
+    # difference of acum_end's and acum_s's terms, which would cancel to fp32 rounding times |A|)
+    w = dt * ddt_state
+    da = tl.cumsum(dacum, axis=0, reverse=True) + tl.cumsum(w, axis=0) - w                 # (BQ, BH)
     A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     ddt += da * A[None, :]
     tl.store(dA_part_ptr + (pid_b * nchunks + pid_c) * nheads + offs_h, tl.sum(da * dt, axis=0), mask=mask_h)
@@ -488,7 +506,7 @@ def _dt_bwd_kernel(
 # ---------------------------------------------------------------- launcher
 
 def _num_warps(block_n: int) -> int:
-    # the (steps x d_state) fp32 accumulators of the dC and dB kernels: 8 warps keep them in registers at n >= 128
+    # (steps x d_state) tiles: at n >= 128, 4 warps spill registers in every dot kernel here (ptxas, sm_90), 8 do not
     return 8 if block_n >= 128 else 4
 
 
@@ -533,27 +551,29 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     dend = torch.empty(batch, nheads, nchunks, n_endslots, **f32)
     dinit = torch.empty_like(initial_states) if initial_states is not None else None
     _state_passing_bwd_kernel[(n_endslots, batch * nheads)](
-        dstates, states, final, acum, dfinal if dfinal is not None else final, dinit if dinit is not None else final,
+        dstates, states, acum, dfinal if dfinal is not None else dend, dinit if dinit is not None else dend,
         dend, nheads, Q, nchunks, state_size,
         HAS_DFINAL=dfinal is not None, HAS_INIT=initial_states is not None, BLOCK=block)
 
     # 4. dx, ddt's direct part, dD
     dx = torch.empty_like(x)
-    ddt_part = torch.empty(batch, nheads, nchunks, n_pblocks, Q, **f32)
+    ddt_part = torch.empty(batch, nheads, nchunks, 2, n_pblocks, Q, **f32)
     dD_part = torch.empty(batch * nchunks * n_mblocks, nheads, headdim, **f32) if D is not None else None
     _dx_kernel[(n_mblocks * n_pblocks, nchunks, batch * nheads)](
         x, B, C, dY, dt_p, acum, dstates, D if D is not None else A, dx, ddt_part,
         dD_part if D is not None else ddt_part,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, *x.stride(), *B.stride(), *C.stride(), *dY.stride(),
-        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **dots, **cfg)
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, num_warps=_num_warps(BN), **dots, **cfg)
 
-    # 5-7. dCB per group, then dC and dB; acum's row sums (slot k per block of s, the last for the state term)
+    # 5-7. dCB per group, then dC and dB; acum's pieces: M's row sums per block of s, the state -> output term's,
+    # minus M's column sums per block of t (zeros where no block writes)
     dcb = torch.empty(batch, nchunks, ngroups, Q, Q, **f32)
-    dacum_rows = torch.zeros(batch, nheads, nchunks, n_kblocks + 1, Q, **f32)
+    n_rowslots = n_kblocks + 1 + n_mblocks
+    dacum_rows = torch.zeros(batch, nheads, nchunks, n_rowslots, Q, **f32)
     _dcb_kernel[(n_mblocks * n_kblocks, nchunks, batch * ngroups)](
         x, B, C, dY, dt_p, acum, dcb, dacum_rows,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), **dots, **cfg)
+        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), num_warps=_num_warps(BN), **dots, **cfg)
     dC = torch.empty_like(C)
     _dc_kernel[(n_mblocks, nchunks, batch * ngroups)](
         B, C, dY, acum, states, dcb, dacum_rows, dC, seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
@@ -571,10 +591,10 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // triton.next_power_of_2(Q)))
     _dt_bwd_kernel[(batch, nchunks, triton.cdiv(nheads, block_h))](
         dt, A, dt_bias if dt_bias is not None else A, ddt_part, dacum_rows, dend, ddt, dA_part, dbias_part,
-        seqlen, nheads, Q, nchunks, n_pblocks, n_kblocks + 1, n_endslots, float(dt_min),
+        seqlen, nheads, Q, nchunks, n_pblocks, n_rowslots, n_endslots, float(dt_min),
         float(dt_max) if has_limit else 0.0, *dt.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-        BLOCK_Q=triton.next_power_of_2(Q), BLOCK_H=block_h)
+        BLOCK_Q=triton.next_power_of_2(Q), BLOCK_H=block_h, num_warps=8 if block_h * Q >= 4096 else 4)
 
     grads = [dx, ddt, dA_part.sum((0, 1)).to(A.dtype), dB, dC]
     if D is not None:
