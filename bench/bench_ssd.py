@@ -5,10 +5,12 @@
     python bench/bench_ssd.py --gpu                               # triton vs chunked on CUDA, bf16, chunk 256,
                                                                   # at (8, 2048, 24 heads x 64, d_state 128)
 
-GPU mode (--gpu): the Triton backend against the chunked one at each shape, bf16 inputs, the model's call (dt_bias,
-softplus, D), timed with triton.testing.do_bench (median ms over its repeats); forward under no_grad, and
-forward+backward (the Triton backend's backward recomputes through the chunked scan, so expect the forward's gain
-and not more there). "max |y - chunked|" is relative to max |y_chunked|.
+GPU mode (--gpu): at each shape, bf16 inputs, the model's call (dt_bias, softplus, D), timed with
+triton.testing.do_bench (median ms over its repeats): the forward under no_grad, and forward+backward, for the
+chunked backend, the Triton backend with its earlier backward (autograd through the chunked scan, "vjp") and the
+Triton backend as it runs (its backward kernels); beside each the memory-traffic floor (every input read once and
+every output written once at 4.3 TB/s), the peak memory the call adds, and the largest error against the chunked
+backend over y and every gradient (max |a - b| / max |b|).
 
 Shapes are batch x L x nheads x headdim x d_state (ngroups 1). Every call is the Mamba-2 mixer's: dt_bias,
 softplus, D skip (no z: the model gates in its norm). Times are time.perf_counter medians after one warm-up call,
@@ -52,29 +54,71 @@ def run(inputs, backend, chunk, backward):
     return y.detach(), None
 
 
+FLOOR_BYTES_PER_S = 4.3e12          # ../shared/ANCHORS.md: the H200's device-to-device copy bandwidth
+# the GPU variants: (label, backend, the Triton backend's backward)
+GPU_VARIANTS = [("chunked", "chunked", None), ("triton, vjp backward", "triton", "vjp"),
+                ("triton", "triton", "kernels")]
+
+
+def run_variant(inputs, backend, backward, chunk, with_grad):
+    x, dt, A, B, C, D, dt_bias = inputs
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk)
+    if backend == "triton":
+        from kernels.triton_ssd import ssd_scan_triton
+        y = ssd_scan_triton(x, dt, A, B, C, backward=backward, **kwargs)
+    else:
+        y = ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)
+    if not with_grad:
+        return y.detach(), None
+    return y.detach(), torch.autograd.grad(y, inputs, torch.ones_like(y) / y.numel() ** 0.5)
+
+
+def floor_ms(b, l, h, p, n, backward):
+    """Memory-traffic floor: every input read once, every output written once, at 4.3 TB/s (bf16 x, dt, B, C, y;
+    backward: also reads dy and writes dx, ddt, dB, dC)."""
+    x, dt, bc = b * l * h * p * 2, b * l * h * 2, 2 * b * l * n * 2
+    fwd = 2 * x + dt + bc
+    bwd = 3 * x + 2 * dt + 2 * bc
+    return (fwd + (bwd if backward else 0)) / FLOOR_BYTES_PER_S * 1e3
+
+
 def main_gpu(shapes, chunk):
     from triton.testing import do_bench
 
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}")
-    print("| shape (b x L x h x p x n) | mode | chunked ms | triton ms | speed-up | max |y - chunked| |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}; ngroups 1, dt_bias, "
+          "softplus, D; do_bench medians; peak = memory the call adds over its inputs")
+    print("| shape (b x L x h x p x n) | mode | variant | ms | x chunked | floor ms | x floor | peak MiB "
+          "| max err vs chunked |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for shape in shapes.split(","):
         b, l, h, hp, n = (int(v) for v in shape.lower().split("x"))
         inputs = [t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 else torch.float32).requires_grad_()
                   for t in make_inputs(b, l, h, hp, n)]
-        for backward in (False, True):
-            ms, ys = {}, {}
-            for backend in ("chunked", "triton"):
-                if backward:
-                    ms[backend] = do_bench(lambda: run(inputs, backend, chunk, True))
-                else:
-                    with torch.no_grad():
-                        ms[backend] = do_bench(lambda: run(inputs, backend, chunk, False))
-                        ys[backend] = run(inputs, backend, chunk, False)[0].float()
-            err = "-" if backward else \
-                f"{((ys['triton'] - ys['chunked']).abs().max() / ys['chunked'].abs().max()).item():.1e}"
-            print(f"| {shape} | {'fwd+bwd' if backward else 'fwd'} | {ms['chunked']:.2f} | {ms['triton']:.2f} "
-                  f"| {ms['chunked'] / ms['triton']:.2f}x | {err} |", flush=True)
+        for with_grad in (False, True):
+            ms, outs, peak = {}, {}, {}
+            for label, backend, backward in GPU_VARIANTS:
+                if not with_grad and backward == "vjp":
+                    continue                     # the same forward as "triton"
+                with torch.set_grad_enabled(with_grad):
+                    outs[label] = run_variant(inputs, backend, backward, chunk, with_grad)       # warm-up
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    run_variant(inputs, backend, backward, chunk, with_grad)
+                    torch.cuda.synchronize()
+                    peak[label] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                    ms[label] = do_bench(lambda: run_variant(inputs, backend, backward, chunk, with_grad))
+            floor = floor_ms(b, l, h, hp, n, with_grad)
+            ref_y, ref_g = outs["chunked"]
+            for label in ms:
+                y, grads = outs[label]
+                errs = [((y.float() - ref_y.float()).abs().max() / ref_y.float().abs().max()).item()]
+                if with_grad:
+                    errs += [((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                             for a, r in zip(grads, ref_g)]
+                print(f"| {shape} | {'fwd+bwd' if with_grad else 'fwd'} | {label} | {ms[label]:.3f} "
+                      f"| {ms['chunked'] / ms[label]:.2f} | {floor:.3f} | {ms[label] / floor:.1f} "
+                      f"| {peak[label]:.0f} | {max(errs):.1e} |", flush=True)
 
 
 def timed(fn):

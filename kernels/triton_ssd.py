@@ -1,4 +1,4 @@
-"""The SSD scan (Mamba-2) as Triton kernels: the forward fused on the GPU, the backward recomputed (backend "triton").
+"""The SSD scan (Mamba-2) as Triton kernels (backend "triton"): the forward here, the backward in triton_ssd_bwd.py.
 
 Same equations and signature as kernels/ssd.py's reference; the same four-step chunked algorithm as
 kernels/ssd_chunked.py (see its docstring for the math). Shape letters: b batch, l length, c chunks of Q steps,
@@ -23,14 +23,14 @@ the larger one, fp32 eps * |acum|: harmless at Mamba's magnitudes, where acum st
 The dot operands are in x's dtype (bf16 on tensor cores for bf16 inputs) with fp32 accumulation; for fp32 inputs
 the dots run in full fp32 ("ieee"), not tf32.
 
-Backward: NOT hand-written. The custom op's backward recomputes the forward through kernels/ssd_chunked.py's
-PyTorch chunked scan and takes autograd's vector-Jacobian product of it (torch.func.vjp), so every gradient
-(x, dt, A, B, C, D, z, dt_bias, initial states) is that of the same equations, exactly, at the chunked path's cost:
-"triton" is the fast path of the forward (inference, prefill, the forward half of training); its backward costs a
-chunked forward plus a chunked backward. Hand-written backward kernels are issue 12's next step.
+Backward: kernels/triton_ssd_bwd.py's Triton kernels (see its docstring). They relaunch steps 1-3 here for dt,
+acum and the states (cheap), not the chunk scan; the forward saves only its inputs and, with z, the ungated y.
+The earlier backward, which recomputes the forward through kernels/ssd_chunked.py and takes autograd's
+vector-Jacobian product of it (torch.func.vjp), stays selectable (ssd_scan_triton(..., backward="vjp")) for
+bench/bench_ssd.py's side by side.
 
-Both halves are torch custom ops (mamba_trainer::ssd_scan_fwd / ssd_scan_bwd) with fake implementations, so
-torch.compile keeps a model that calls the scan in one graph.
+Both halves are torch custom ops (mamba_trainer::ssd_scan_fwd / ssd_scan_bwd, and ssd_scan_bwd_vjp) with fake
+implementations, so torch.compile keeps a model that calls the scan in one graph.
 """
 from __future__ import annotations
 

@@ -12,13 +12,17 @@ state entering chunk c, dY the gradient of y before the gate, dS_c that of the s
         + sum_{s<=t} CB[t,s] exp(acum_t - acum_s) dt_s x_s   (CB = C B^T)   dx, dC, dB (through dCB), ddt
         + D x_t
 
-The gradient of acum splits into per-step terms that each kernel owns outright (no atomics, deterministic):
-    - the within-chunk sum M[t,s] = CB[t,s] exp(acum_t - acum_s) dt_s (dY_t . x_s) enters acum_t with + (its row
-      sums, kernel 5) and acum_s with - (its column sums); a column sum is dt_s times the diagonal part of ddt_s,
-      and the chunk state's term is dt_s times its part of ddt_s, so kernel 4's ddt_s gives both: - dt_s ddt_s;
-    - the state -> output term enters acum_t as C_t . (its dC_t) per head (kernel 6);
-    - acum_end, used by the state passing and the chunk state, gets sum(G_{c+1} * H_{c+1}) (kernel 3).
-Then a_t's gradient is the reverse cumulative sum of acum's within the chunk, and ddt += A da, dA = sum da dt.
+The gradient of a_k = dt_k A (da_k, then ddt_k += A da_k and dA = sum da_k dt_k) is gathered from pieces that
+each kernel owns outright (no atomics, deterministic), written so that nothing cancels:
+    - within the chunk, M[t,s] = CB[t,s] exp(acum_t - acum_s) dt_s (dY_t . x_s) moves with a_k for s < k <= t:
+      M's row sums strictly below the diagonal enter acum_t with +, its column sums acum_s with - (kernel 5, fp32;
+      M[t,t] would enter both and cancel, so it is left out), and da is their reverse cumulative sum;
+    - the state -> output term enters acum_t as C_t . (its dC_t), per head (kernel 6), likewise;
+    - the chunk state's exp(acum_end - acum_s) moves with a_k for s < k: da_k += sum_{s<k} dt_s u_s, with u_s the
+      chunk state's part of ddt_s (kernel 4), a prefix sum, not acum_end's total minus acum_s's own term;
+    - the state passing's exp(acum_end) gives acum_end exp(acum_end) sum(G_{c+1} * H_c) (kernel 3).
+With very negative dt * A every decay is 0 and so is every piece, exactly (a difference of acum_end's and acum_s's
+terms would leave fp32 rounding there, times |A|).
 
 Kernels, in launch order (the forward's steps 1-3 are relaunched first for dt, acum and the states H_c, which
 are cheap; the chunk scan, the forward's costly step, is not):
@@ -27,7 +31,7 @@ are cheap; the chunk scan, the forward's costly step, is not):
     3. _state_passing_bwd_kernel     in place: dH_c -> dS_c, backwards over chunks; d initial state; acum_end's part
     4. _dx_kernel                    dx, the direct part of ddt, dD: per head and block of steps s, over t >= s
     5. _dcb_kernel                   dCB[t,s] = sum over the group's heads of exp(acum_t - acum_s) dt_s dY_t . x_s,
-                                     (b, c, g, Q, Q) fp32, and the row sums of M per head
+                                     (b, c, g, Q, Q) fp32, and M's row and column sums per head
     6. _dc_kernel                    dC = dCB B + sum_h exp(acum_t) dY_t H_c (per group, over its heads)
     7. _db_kernel                    dB = dCB^T C + sum_h exp(acum_end - acum_s) dt_s x_s dS_c
     8. _dt_bwd_kernel                acum's gradient -> da (reverse cumsum) -> ddt, dA, d dt_bias through the
