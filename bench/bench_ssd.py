@@ -82,7 +82,20 @@ def floor_ms(b, l, h, p, n, backward):
     return (fwd + (bwd if backward else 0)) / FLOOR_BYTES_PER_S * 1e3
 
 
-def main_gpu(shapes, chunk):
+def profile_gpu(inputs, chunk, calls=5):
+    """Where the Triton backend's forward+backward spends its GPU time, per kernel (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    run_variant(inputs, "triton", "kernels", chunk, True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run_variant(inputs, "triton", "kernels", chunk, True)
+        torch.cuda.synchronize()
+    print(f"\nper-kernel GPU time over {calls} triton fwd+bwd calls:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def main_gpu(shapes, chunk, profile=False):
     from triton.testing import do_bench
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}; ngroups 1, dt_bias, "
@@ -119,6 +132,8 @@ def main_gpu(shapes, chunk):
                 print(f"| {shape} | {'fwd+bwd' if with_grad else 'fwd'} | {label} | {ms[label]:.3f} "
                       f"| {ms['chunked'] / ms[label]:.2f} | {floor:.3f} | {ms[label] / floor:.1f} "
                       f"| {peak[label]:.0f} | {max(errs):.1e} |", flush=True)
+        if profile:
+            profile_gpu(inputs, chunk)
 
 
 def timed(fn):
@@ -135,11 +150,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu", action="store_true", help="triton vs chunked on CUDA, bf16 (shapes default to "
                    "8x2048x24x64x128, the first of --chunks as the chunk size, 256 by default)")
+    p.add_argument("--profile", action="store_true", help="with --gpu: also the Triton fwd+bwd's time per kernel")
     args = p.parse_args(argv)
     if args.gpu:
         shapes = args.shapes if args.shapes != p.get_default("shapes") else "8x2048x24x64x128"
         chunk = int(args.chunks.split(",")[0]) if args.chunks != p.get_default("chunks") else 256
-        return main_gpu(shapes, chunk)
+        return main_gpu(shapes, chunk, args.profile)
     if args.threads:
         torch.set_num_threads(args.threads)
     chunks = [int(c) for c in args.chunks.split(",")]
