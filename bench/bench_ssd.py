@@ -4,12 +4,13 @@
     python bench/bench_ssd.py --shapes 4x1024x16x64x64 --chunks 64,128,256 --repeat 3
     python bench/bench_ssd.py --gpu                               # triton vs chunked on CUDA, bf16, chunk 256,
                                                                   # at (8, 2048, 24 heads x 64, d_state 128)
-    python bench/bench_ssd.py --gpu --json ssd.json               # the rows as JSON too (GPU mode)
 
-GPU mode (--gpu): the Triton backend against the chunked one at each shape, bf16 inputs, the model's call (dt_bias,
-softplus, D), timed with triton.testing.do_bench (median ms over its repeats); forward under no_grad, and
-forward+backward (the Triton backend's backward recomputes through the chunked scan, so expect the forward's gain
-and not more there). "max |y - chunked|" is relative to max |y_chunked|.
+GPU mode (--gpu): at each shape, bf16 inputs, the model's call (dt_bias, softplus, D), timed with
+triton.testing.do_bench (median ms over its repeats): the forward under no_grad, and forward+backward, for the
+chunked backend, the Triton backend with its earlier backward (autograd through the chunked scan, "vjp") and the
+Triton backend as it runs (its backward kernels); beside each the memory-traffic floor (every input read once and
+every output written once at 4.3 TB/s), the peak memory the call adds, and the largest error against the chunked
+backend over y and every gradient (max |a - b| / max |b|).
 
 Shapes are batch x L x nheads x headdim x d_state (ngroups 1). Every call is the Mamba-2 mixer's: dt_bias,
 softplus, D skip (no z: the model gates in its norm). Times are time.perf_counter medians after one warm-up call,
@@ -54,32 +55,91 @@ def run(inputs, backend, chunk, backward):
     return y.detach(), None
 
 
-def main_gpu(shapes, chunk, json_path=None):
+FLOOR_BYTES_PER_S = 4.3e12          # ../shared/ANCHORS.md: the H200's device-to-device copy bandwidth
+# the GPU variants: (label, backend, the Triton backend's backward)
+GPU_VARIANTS = [("chunked", "chunked", None), ("triton, vjp backward", "triton", "vjp"),
+                ("triton", "triton", "kernels")]
+
+
+def run_variant(inputs, backend, backward, chunk, with_grad):
+    x, dt, A, B, C, D, dt_bias = inputs
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk)
+    if backend == "triton":
+        from kernels.triton_ssd import ssd_scan_triton
+        y = ssd_scan_triton(x, dt, A, B, C, backward=backward, **kwargs)
+    else:
+        y = ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)
+    if not with_grad:
+        return y.detach(), None
+    return y.detach(), torch.autograd.grad(y, inputs, torch.ones_like(y) / y.numel() ** 0.5)
+
+
+def floor_ms(b, l, h, p, n, backward):
+    """Memory-traffic floor: every input read once, every output written once, at 4.3 TB/s (bf16 x, dt, B, C, y;
+    backward: also reads dy and writes dx, ddt, dB, dC)."""
+    x, dt, bc = b * l * h * p * 2, b * l * h * 2, 2 * b * l * n * 2
+    fwd = 2 * x + dt + bc
+    bwd = 3 * x + 2 * dt + 2 * bc
+    return (fwd + (bwd if backward else 0)) / FLOOR_BYTES_PER_S * 1e3
+
+
+def profile_gpu(inputs, chunk, calls=5):
+    """Where the Triton backend's forward+backward spends its GPU time, per kernel (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    run_variant(inputs, "triton", "kernels", chunk, True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run_variant(inputs, "triton", "kernels", chunk, True)
+        torch.cuda.synchronize()
+    print(f"\nper-kernel GPU time over {calls} triton fwd+bwd calls:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def main_gpu(shapes, chunk, profile=False, json_path=None):
     from triton.testing import do_bench
 
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}")
-    print("| shape (b x L x h x p x n) | mode | chunked ms | triton ms | speed-up | max |y - chunked| |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, chunk {chunk}; ngroups 1, dt_bias, "
+          "softplus, D; do_bench medians; peak = memory the call adds over its inputs")
+    print("| shape (b x L x h x p x n) | mode | variant | ms | x chunked | floor ms | x floor | peak MiB "
+          "| max err vs chunked |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     records = []
     for shape in shapes.split(","):
         b, l, h, hp, n = (int(v) for v in shape.lower().split("x"))
         inputs = [t.detach().cuda().to(torch.bfloat16 if t.dim() > 1 else torch.float32).requires_grad_()
                   for t in make_inputs(b, l, h, hp, n)]
-        for backward in (False, True):
-            ms, ys = {}, {}
-            for backend in ("chunked", "triton"):
-                if backward:
-                    ms[backend] = do_bench(lambda: run(inputs, backend, chunk, True))
-                else:
-                    with torch.no_grad():
-                        ms[backend] = do_bench(lambda: run(inputs, backend, chunk, False))
-                        ys[backend] = run(inputs, backend, chunk, False)[0].float()
-            err = "-" if backward else \
-                f"{((ys['triton'] - ys['chunked']).abs().max() / ys['chunked'].abs().max()).item():.1e}"
-            print(f"| {shape} | {'fwd+bwd' if backward else 'fwd'} | {ms['chunked']:.2f} | {ms['triton']:.2f} "
-                  f"| {ms['chunked'] / ms['triton']:.2f}x | {err} |", flush=True)
-            records.append(dict(shape=shape, mode="fwd+bwd" if backward else "fwd", chunked_ms=ms["chunked"],
-                                triton_ms=ms["triton"], y_err=None if backward else float(err)))
+        for with_grad in (False, True):
+            ms, outs, peak = {}, {}, {}
+            for label, backend, backward in GPU_VARIANTS:
+                if not with_grad and backward == "vjp":
+                    continue                     # the same forward as "triton"
+                with torch.set_grad_enabled(with_grad):
+                    outs[label] = run_variant(inputs, backend, backward, chunk, with_grad)       # warm-up
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    run_variant(inputs, backend, backward, chunk, with_grad)
+                    torch.cuda.synchronize()
+                    peak[label] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                    ms[label] = do_bench(lambda: run_variant(inputs, backend, backward, chunk, with_grad))
+            floor = floor_ms(b, l, h, hp, n, with_grad)
+            ref_y, ref_g = outs["chunked"]
+            for label in ms:
+                y, grads = outs[label]
+                errs = [((y.float() - ref_y.float()).abs().max() / ref_y.float().abs().max()).item()]
+                if with_grad:
+                    errs += [((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                             for a, r in zip(grads, ref_g)]
+                print(f"| {shape} | {'fwd+bwd' if with_grad else 'fwd'} | {label} | {ms[label]:.3f} "
+                      f"| {ms['chunked'] / ms[label]:.2f} | {floor:.3f} | {ms[label] / floor:.1f} "
+                      f"| {peak[label]:.0f} | {max(errs):.1e} |", flush=True)
+            records.append(dict(shape=shape, mode="fwd+bwd" if with_grad else "fwd", chunked_ms=ms["chunked"],
+                                triton_ms=ms["triton"], floor_ms=floor,
+                                **({"triton_vjp_ms": ms["triton, vjp backward"]} if "triton, vjp backward" in ms
+                                   else {})))
+        if profile:
+            profile_gpu(inputs, chunk)
     if json_path:
         Path(json_path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                                "dtype": "bf16", "chunk": chunk, "rows": records}, indent=1))
@@ -99,12 +159,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu", action="store_true", help="triton vs chunked on CUDA, bf16 (shapes default to "
                    "8x2048x24x64x128, the first of --chunks as the chunk size, 256 by default)")
-    p.add_argument("--json", default=None, help="GPU mode: also write the rows to this JSON file")
+    p.add_argument("--profile", action="store_true", help="with --gpu: also the Triton fwd+bwd's time per kernel")
+    p.add_argument("--json", default=None, help="with --gpu: also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.gpu:
         shapes = args.shapes if args.shapes != p.get_default("shapes") else "8x2048x24x64x128"
         chunk = int(args.chunks.split(",")[0]) if args.chunks != p.get_default("chunks") else 256
-        return main_gpu(shapes, chunk, args.json)
+        return main_gpu(shapes, chunk, args.profile, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     chunks = [int(c) for c in args.chunks.split(",")]

@@ -1,4 +1,4 @@
-"""The SSD scan (Mamba-2) as Triton kernels: the forward fused on the GPU, the backward recomputed (backend "triton").
+"""The SSD scan (Mamba-2) as Triton kernels (backend "triton"): the forward here, the backward in triton_ssd_bwd.py.
 
 Same equations and signature as kernels/ssd.py's reference; the same four-step chunked algorithm as
 kernels/ssd_chunked.py (see its docstring for the math). Shape letters: b batch, l length, c chunks of Q steps,
@@ -23,14 +23,14 @@ the larger one, fp32 eps * |acum|: harmless at Mamba's magnitudes, where acum st
 The dot operands are in x's dtype (bf16 on tensor cores for bf16 inputs) with fp32 accumulation; for fp32 inputs
 the dots run in full fp32 ("ieee"), not tf32.
 
-Backward: NOT hand-written. The custom op's backward recomputes the forward through kernels/ssd_chunked.py's
-PyTorch chunked scan and takes autograd's vector-Jacobian product of it (torch.func.vjp), so every gradient
-(x, dt, A, B, C, D, z, dt_bias, initial states) is that of the same equations, exactly, at the chunked path's cost:
-"triton" is the fast path of the forward (inference, prefill, the forward half of training); its backward costs a
-chunked forward plus a chunked backward. Hand-written backward kernels are issue 12's next step.
+Backward: kernels/triton_ssd_bwd.py's Triton kernels (see its docstring). They relaunch steps 1-3 here for dt,
+acum and the states (cheap), not the chunk scan; the forward saves only its inputs and, with z, the ungated y.
+The earlier backward, which recomputes the forward through kernels/ssd_chunked.py and takes autograd's
+vector-Jacobian product of it (torch.func.vjp), stays selectable (ssd_scan_triton(..., backward="vjp")) for
+bench/bench_ssd.py's side by side.
 
-Both halves are torch custom ops (mamba_trainer::ssd_scan_fwd / ssd_scan_bwd) with fake implementations, so
-torch.compile keeps a model that calls the scan in one graph.
+Both halves are torch custom ops (mamba_trainer::ssd_scan_fwd / ssd_scan_bwd, and ssd_scan_bwd_vjp) with fake
+implementations, so torch.compile keeps a model that calls the scan in one graph.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def _state_passing_kernel(
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, acum_ptr, states_ptr, D_ptr, z_ptr, y_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, acum_ptr, states_ptr, D_ptr, z_ptr, y_ptr, y_pre_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
     s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
@@ -254,6 +254,9 @@ def _chunk_scan_kernel(
         else:
             acc += xm * tl.load(D_ptr + pid_h).to(tl.float32)
     if HAS_Z:
+        # the ungated y too (same layout as y), for the gate's backward
+        tl.store(y_pre_ptr + pid_b * s_yb + pid_h * s_yh + offs_tm[:, None] * s_yl + offs_p[None, :] * s_yp,
+                 acc.to(y_pre_ptr.dtype.element_ty), mask=mask_mp)
         zm = tl.load(z_ptr + pid_b * s_zb + pid_h * s_zh + offs_tm[:, None] * s_zl + offs_p[None, :] * s_zp,
                      mask=mask_mp, other=0.0).to(tl.float32)
         acc = acc * zm * tl.sigmoid(zm)
@@ -271,11 +274,16 @@ def _config(chunk_size: int, headdim: int, dstate: int) -> dict:
                 BLOCK_N=max(16, triton.next_power_of_2(dstate)))
 
 
-def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size):
-    """Launch the four kernels. Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) fp32."""
+def _state_block(state_size: int) -> int:
+    """State elements per program of the state passing (forward and backward)."""
+    return min(STATE_BLOCK, triton.next_power_of_2(state_size))
+
+
+def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q):
+    """Steps 1-3 (also what the backward recomputes). Returns dt and acum (b, h, c, Q) fp32, the states entering
+    each chunk (b, c, h, p, n) fp32 and the final state (b, h, p, n) fp32."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    Q = max(1, min(chunk_size, seqlen))
     nchunks = triton.cdiv(seqlen, Q)
     cfg = _config(Q, headdim, dstate)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -300,60 +308,96 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
     _chunk_state_kernel[(n_blocks, nchunks, batch * nheads)](
         x, B, dt_out, acum, states,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups, *x.stride(), *B.stride(),
-        DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
     )
 
     # 3. the states entering each chunk (in place) and the final state
     final = torch.empty(batch, nheads, headdim, dstate, **f32)
     state_size = headdim * dstate
-    block = min(STATE_BLOCK, triton.next_power_of_2(state_size))
+    block = _state_block(state_size)
     _state_passing_kernel[(triton.cdiv(state_size, block), batch * nheads)](
         states, acum, initial_states if initial_states is not None else final, final,
         nheads, Q, nchunks, state_size, HAS_INIT=initial_states is not None, BLOCK=block,
     )
+    return dt_out, acum, states, final
+
+
+def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size):
+    """Launch the four kernels. Returns y (b, l, h, p) in x's dtype, the final state (b, h, p, n) fp32, and with z
+    the ungated y (what the gate's backward needs; an empty tensor without z)."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    Q = max(1, min(chunk_size, seqlen))
+    nchunks = triton.cdiv(seqlen, Q)
+    cfg = _config(Q, headdim, dstate)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"     # bf16/fp16 dots ignore it
+    roundtrip = triton_interpreting() and x.dtype == torch.bfloat16
+    dt_out, acum, states, final = _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q)
 
     # 4. the outputs
     y = torch.empty_like(x)
     zz = z if z is not None else x
+    y_pre = torch.empty_like(x) if z is not None else x.new_empty(0)
     grid = (triton.cdiv(Q, cfg["BLOCK_M"]) * triton.cdiv(headdim, cfg["BLOCK_P"]), nchunks, batch * nheads)
     _chunk_scan_kernel[grid](
-        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y,
+        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y, y_pre if z is not None else y,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
         DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, **cfg,
     )
-    return y, final
+    return y, final, y_pre
 
 
-# ---------------------------------------------------------------- autograd: a torch custom op pair
+# ---------------------------------------------------------------- autograd: torch custom ops
 #
-# The forward op launches the kernels; the backward op recomputes through the chunked PyTorch scan and returns
-# autograd's vector-Jacobian product. Fake (meta) versions give every output's shape, so torch.compile keeps a
-# model that calls the scan in one graph.
+# The forward op launches the kernels. Two backward ops: the Triton kernels of kernels/triton_ssd_bwd.py (the
+# default), and the earlier one that recomputes through the chunked PyTorch scan and returns autograd's
+# vector-Jacobian product of it ("vjp", kept for bench/bench_ssd.py's side by side). Fake (meta) versions give every
+# output's shape, so torch.compile keeps a model that calls the scan in one graph.
 
 @torch.library.custom_op("mamba_trainer::ssd_scan_fwd", mutates_args=())
 def ssd_scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                     initial_states: Optional[torch.Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (b, l, h, p) in x's dtype and the final state (b, h, p, n) fp32."""
+                    chunk_size: int, vjp_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (b, l, h, p) in x's dtype, the final state (b, h, p, n) fp32, and y before the gate (empty without z)."""
     return _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size)
 
 
 @ssd_scan_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward):
     batch, _, nheads, headdim = x.shape
-    return torch.empty_like(x), x.new_empty(batch, nheads, headdim, B.shape[-1], dtype=torch.float32)
+    y_pre = torch.empty_like(x) if z is not None else x.new_empty(0)
+    return torch.empty_like(x), x.new_empty(batch, nheads, headdim, B.shape[-1], dtype=torch.float32), y_pre
 
 
 @torch.library.custom_op("mamba_trainer::ssd_scan_bwd", mutates_args=())
 def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
-                    initial_states: Optional[torch.Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                    chunk_size: int, dy: torch.Tensor, dfinal: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of (x, dt, A, B, C) and, where given, of D, z, dt_bias, initial_states (in that order):
-    the forward recomputed by the chunked PyTorch scan, differentiated by autograd."""
+                    initial_states: Optional[torch.Tensor], y_pre: torch.Tensor, dt_softplus: bool, dt_min: float,
+                    dt_max: float, chunk_size: int, dy: torch.Tensor,
+                    dfinal: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of (x, dt, A, B, C) and, where given, of D, z, dt_bias, initial_states (in that order),
+    by the Triton backward kernels."""
+    from .triton_ssd_bwd import ssd_bwd
+    return ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size,
+                   dy, dfinal)
+
+
+@ssd_scan_bwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal):
+    return [torch.empty_like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None]
+
+
+@torch.library.custom_op("mamba_trainer::ssd_scan_bwd_vjp", mutates_args=())
+def ssd_scan_bwd_vjp_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                        initial_states: Optional[torch.Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+                        chunk_size: int, dy: torch.Tensor, dfinal: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The same gradients as ssd_scan_bwd's: the forward recomputed by the chunked PyTorch scan, differentiated by
+    autograd (the earlier backward, slower: fp32 matmuls and many elementwise passes)."""
     from .ssd_chunked import ssd_scan_chunked
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     present = [i for i, t in enumerate(inputs) if t is not None]
@@ -374,43 +418,54 @@ def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     return list(vjp((dy, dfinal) if dfinal is not None else dy))
 
 
-@ssd_scan_bwd_op.register_fake
+@ssd_scan_bwd_vjp_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal):
     return [torch.empty_like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward = inputs
     ctx.args = (dt_softplus, dt_min, dt_max, chunk_size)
+    ctx.vjp_backward = vjp_backward
     ctx.present = tuple(t is not None for t in (D, z, dt_bias, initial_states))
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[2])
 
 
-def _backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_states = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, dy_pre):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
-    grads = iter(ssd_scan_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, *ctx.args, dy.contiguous(),
-                                 dfinal.contiguous() if dfinal is not None else None))
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    if ctx.vjp_backward:
+        grads = ssd_scan_bwd_vjp_op(x, dt, A, B, C, D, z, dt_bias, initial_states, *ctx.args, dy.contiguous(),
+                                    dfinal)
+    else:
+        grads = ssd_scan_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, *ctx.args, dy.contiguous(),
+                                dfinal)
+    grads = iter(grads)
     dx, ddt, dA, dB, dC = (next(grads) for _ in range(5))
     dD, dz, dbias, dinit = (next(grads) if present else None for present in ctx.present)
-    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None, None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None, None, None
 
 
 ssd_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ssd_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                    initial_states=None, return_final_states=False, chunk_size=256):
+                    initial_states=None, return_final_states=False, chunk_size=256, backward="kernels"):
     """The SSD scan with the Triton forward; signature and result of kernels.ssd.ssd_scan_ref (see kernels/ssd.py).
 
     Args:
         x: (b, l, h, p);  dt: (b, l, h);  A: (h,) fp32;  B, C: (b, l, g, n) with n <= 256;  D: (h,) or (h, p);
         z: (b, l, h, p);  dt_bias: (h,);  initial_states: (b, h, p, n)  (CUDA tensors, or CPU ones under
         TRITON_INTERPRET=1)
+        backward: "kernels" (the Triton backward) or "vjp" (the earlier recompute through the chunked scan's
+        autograd; for side-by-side benchmarks)
     Returns:
         y (b, l, h, p) in x's dtype; with return_final_states, (y, final_states (b, h, p, n) fp32)
     """
+    if backward not in ("kernels", "vjp"):
+        raise ValueError(f"backward must be 'kernels' or 'vjp', got {backward!r}")
     if x.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(f"the Triton SSD scan needs CUDA tensors (got {x.device.type}); set TRITON_INTERPRET=1 "
                            "to run it on the CPU, or use backend='chunked'")
@@ -430,6 +485,6 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     A = A.contiguous()
     D, z, dt_bias, initial_states = (t.contiguous() if t is not None else None
                                      for t in (D, z, dt_bias, initial_states))
-    y, final = ssd_scan_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, bool(dt_softplus),
-                               float(dt_limit[0]), float(dt_limit[1]), int(chunk_size))
+    y, final, _ = ssd_scan_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, bool(dt_softplus),
+                                  float(dt_limit[0]), float(dt_limit[1]), int(chunk_size), backward == "vjp")
     return (y, final) if return_final_states else y

@@ -202,7 +202,7 @@ class Mamba2LanguageModel(MambaLanguageModel):
         name = resolve_or_fall_back(resolve_ssd_backend, requested, device, "SSD")
         choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
                               norm=resolve_norm_backend("auto", device))
-        note = (" (Triton forward; its backward recomputes through the chunked scan)" if name == "triton"
+        note = (" (Triton forward and backward)" if name == "triton"
                 else " (the matmul-based chunked scan on CUDA)" if device.type == "cuda" and name == "chunked"
                 else "")
         logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
