@@ -318,3 +318,71 @@ def test_cli_missing_checkpoint_subprocess(tmp_path):
     assert result.returncode == 2
     assert "evaluate.py: error:" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- through the harness itself (only where lm-eval is installed; offline: a task written here) ---------------------
+
+LOCAL_TASKS = {
+    "tiny_choice": ("multiple_choice", [
+        {"question": "The quick brown", "choices": [" fox", " dog", " cat"], "answer": 0},
+        {"question": "def add(a, b):", "choices": ["\n    return a + b", " pass", " 42"], "answer": 0},
+        {"question": "A Mamba model reads", "choices": [" text", " fish"], "answer": 0}]),
+    "tiny_rolling": ("loglikelihood_rolling", [{"text": t} for t in TEXTS[:4]]),
+}
+
+
+def write_local_tasks(folder: Path) -> None:
+    """A multiple-choice task and a rolling-loglikelihood one: YAMLs over JSONL files, no download."""
+    for name, (kind, rows) in LOCAL_TASKS.items():
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        fields = ('doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+                  "metric_list:\n  - metric: acc\n" if kind == "multiple_choice" else
+                  'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n')
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\noutput_type: {kind}\n{fields}", encoding="utf-8")
+
+
+def test_harness_runs_a_local_task(tmp_path, monkeypatch, tokenizer):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from evaluation.harness import run_tasks
+    write_local_tasks(tmp_path)
+    model = mamba1(tokenizer.vocab_size, seed=5)
+    adapter = HarnessAdapter(model, tokenizer, window=16)
+    results = run_tasks(adapter, ["tiny_choice", "tiny_rolling"], include_path=str(tmp_path))["results"]
+    right = 0
+    for row in LOCAL_TASKS["tiny_choice"][1]:
+        # the harness joins question and choice with its target_delimiter, " "
+        scores = [ll for ll, _ in adapter.loglikelihood([request(row["question"], " " + c)
+                                                         for c in row["choices"]])]
+        right += int(np.argmax(scores) == row["answer"])
+    assert results["tiny_choice"]["acc,none"] == pytest.approx(right / 3)
+    ours = evaluate_corpus(Scorer(model, 16), tokenizer, TEXTS[:4])
+    assert results["tiny_rolling"]["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-6)
+    with pytest.raises(ValueError, match="no_such_task"):
+        run_tasks(adapter, ["no_such_task"], include_path=str(tmp_path))
+
+
+def test_harness_hf_backend_gives_the_same_loglikelihoods(tmp_path, tokenizer):
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=2, state_size=4, conv_kernel=3,
+        eos_token_id=tokenizer.eot_id, bos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.eot_id))
+    randomize_parameters(hf, scale=0.2)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    pairs = [("The quick brown", " fox jumps over"), ("Grüße aus", " Köln — naïve café"), ("def add(a, b):", "\n")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    theirs = HFLM(pretrained=str(tmp_path), device="cpu", dtype="float32", batch_size=2).loglikelihood(requests)
+    from inference.loading import load_for_inference
+    model, tok, _ = load_for_inference(tmp_path, torch.device("cpu"), torch.float32)
+    ours = HarnessAdapter(model, tok, window=4).loglikelihood([request(*p) for p in pairs])
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
