@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evaluation.corpus import read_corpus
-from evaluation.harness import HarnessAdapter, HarnessMissing, run_tasks
+from evaluation.harness import HarnessAdapter, HarnessMissing, import_lm_eval, run_tasks
 from evaluation.perplexity import evaluate_corpus, long_documents, loss_by_position, plot_by_position
 from evaluation.scoring import Scorer
 from inference.loading import DTYPES, UsageError, load_for_inference, resolve_device
@@ -107,10 +107,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--limit must be > 0, got {args.limit}")
     if tasks:
         try:
-            import lm_eval  # noqa: F401   (only whether it is there: the harness is optional)
-        except ImportError:
-            raise UsageError("--tasks needs the lm-evaluation-harness, which is not installed: `pip install lm-eval` "
-                             "(or leave out --tasks)") from None
+            import_lm_eval()                  # the harness is optional: say so before any work is done
+        except HarnessMissing as err:
+            raise UsageError(f"--tasks: {err}") from None
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include_path {args.include_path!r} is not a folder of task YAMLs")
     if args.by_position and Path(args.plot).is_dir():
@@ -213,7 +212,7 @@ def main(argv=None) -> int:
                 print_result(results[-1], corpus)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    except (UsageError, HarnessMissing) as err:
+    except UsageError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -165,8 +165,7 @@ def harness_lm_class():
     @register_model(MODEL_NAME)
     class MambaTrainerLM(LM):
         def __init__(self, checkpoint: str = "checkpoints", device: str | None = None, batch_size=8,
-                     max_batch_size=None, dtype: str = "float32", window=2048, adapter: HarnessAdapter | None = None,
-                     **unused):
+                     max_batch_size=None, dtype: str = "float32", window=2048, adapter: HarnessAdapter | None = None):
             super().__init__()
             if adapter is None:
                 from inference.loading import DTYPES, load_for_inference, resolve_device

@@ -79,6 +79,19 @@ def test_full_context_carries_the_state_across_windows(make):
         assert a.greedy.tolist() == b.greedy.tolist()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [mamba1, mamba2, hybrid], ids=["mamba1", "mamba2", "hybrid-M2T"])
+def test_full_context_on_the_gpu(make):
+    """On CUDA (the steps replay a CUDA graph): carried windows == one pass == the CPU's scores (fp32)."""
+    model = make()
+    seqs = random_sequences(lengths=(300, 40, 129, 2))
+    cpu = Scorer(model, 512, batch_size=3).score(seqs)
+    model.cuda()
+    for window, stride in ((512, None), (64, None), (512, 512)):
+        for a, b in zip(Scorer(model, window, stride, batch_size=3).score(seqs), cpu):
+            np.testing.assert_allclose(a.nll, b.nll, atol=1e-4)
+
+
 def test_sliding_pieces_cover_every_token_once():
     for n in (2, 3, 9, 10, 11, 40):
         for window, stride in ((4, 4), (4, 1), (4, 3), (8, 5), (50, 7)):
