@@ -109,7 +109,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         try:
             import_lm_eval()                  # the harness is optional: say so before any work is done
         except HarnessMissing as err:
-            raise UsageError(f"--tasks: {err}") from None
+            raise UsageError(f"--tasks: {err} (or leave out --tasks)") from None
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include_path {args.include_path!r} is not a folder of task YAMLs")
     if args.by_position and Path(args.plot).is_dir():

@@ -150,7 +150,7 @@ def import_lm_eval():
         import lm_eval
     except ImportError as err:
         raise HarnessMissing(f"the lm-evaluation-harness is not installed ({err}); install it with "
-                             f"`{INSTALL_HINT}`, or leave out --tasks") from None
+                             f"`{INSTALL_HINT}`") from None
     return lm_eval
 
 
