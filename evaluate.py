@@ -121,7 +121,10 @@ def trained_length(ckpt: Path) -> int | None:
     """The sequence length the checkpoint was trained at (its train_config.json), or None when it has none."""
     if not (ckpt / TRAIN_CONFIG_FILE).is_file():
         return None
-    value = load_train_config(ckpt).get("seq_len")
+    try:
+        value = load_train_config(ckpt).get("seq_len")
+    except ValueError:                       # damaged; inference never reads it (training/checkpoint.py)
+        return None
     return value if isinstance(value, int) and value > 0 else None
 
 
