@@ -23,17 +23,11 @@ import torch
 from tqdm import tqdm
 
 from inference import Decoder, generate_text
+from inference.loading import DTYPES, UsageError, load_for_inference, resolve_device
 from models.sampling import SamplingParams
-from training.checkpoint import find_latest_checkpoint, load_model_and_tokenizer
-from utils.errors import DataError
 
 DEFAULT_CHECKPOINTS = "checkpoints"
 LENGTH_STEP = 256          # KV caches (models with attention layers) are allocated in steps of this many tokens
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed in one line, exit code 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,68 +91,6 @@ def check_args(args: argparse.Namespace) -> SamplingParams:
                               repetition_penalty=args.repetition_penalty)
     except ValueError as err:
         raise UsageError(f"--{err}") from None
-
-
-def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
-    """The device and default dtype; UsageError if the device is unknown or absent."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return device, torch.bfloat16 if bf16 else torch.float32
-
-
-def describe_dir(path: Path, limit: int = 12) -> str:
-    """What a folder holds, in a few words, for the "no checkpoint found" message."""
-    if not path.exists():
-        return "it does not exist"
-    if not path.is_dir():
-        return "it is a file"
-    entries = sorted(path.iterdir())
-    if not entries:
-        return "it is empty"
-    names = []
-    for e in entries[:limit]:
-        if e.is_dir():
-            inner = sorted(c.name for c in e.iterdir())
-            names.append(f"{e.name}/ ({', '.join(inner[:6]) + (', ...' if len(inner) > 6 else '') or 'empty'})")
-        else:
-            names.append(e.name)
-    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
-    return "it holds: " + "; ".join(names) + more
-
-
-def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """The model and tokenizer of the newest complete checkpoint at --checkpoint. Raises UsageError."""
-    path = Path(args.checkpoint)
-    try:
-        ckpt = find_latest_checkpoint(path, for_inference=True)
-    except FileNotFoundError as err:
-        raise UsageError(f"{err}: train a model with `python train.py`, or pass --checkpoint DIR") from None
-    except ValueError as err:   # a step folder without its COMPLETE marker, or a damaged one (CheckpointDamaged)
-        raise UsageError(str(err)) from None
-    if ckpt is None:
-        raise UsageError(f"no checkpoint found in {str(path)!r}: looked for step_*/ or best/ folders with a COMPLETE "
-                         f"marker (in it or in run folders inside it) and for config.json + model weights; "
-                         f"{describe_dir(path)}. Train one with `python train.py`, or pass --checkpoint DIR.")
-    try:
-        model, tokenizer, ckpt = load_model_and_tokenizer(ckpt, device=device, dtype=dtype, verified=True)
-    except (FileNotFoundError, ValueError, DataError) as err:   # DataError is a ValueError; named for the reader
-        raise UsageError(f"cannot load the checkpoint {str(ckpt)!r}: {err}") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer in {str(ckpt)!r} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}: they do not belong together")
-    return model.eval(), tokenizer, ckpt
 
 
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
@@ -293,7 +225,7 @@ def main(argv=None) -> int:
         device, default_dtype = resolve_device(args.device)
         dtype = default_dtype if args.dtype == "auto" else DTYPES[args.dtype]
         prompts = None if args.chat else read_prompts(args)
-        model, tokenizer, ckpt = load(args, device, dtype)
+        model, tokenizer, ckpt = load_for_inference(args.checkpoint, device, dtype)
     except UsageError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2

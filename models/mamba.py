@@ -375,6 +375,11 @@ class MambaLanguageModel(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """The final-normed residual stream (b, l, d): the LM head's input, for callers that take the head over a
+        few positions at a time (evaluation/scoring.py). Same arguments as forward; fills an empty `cache`."""
+        return self._hidden_states(input_ids, attention_mask, cache)
+
     def _hidden_states(self, input_ids, attention_mask=None, cache=None):
         """The final-normed residual stream (b, l, d)."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
