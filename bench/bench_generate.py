@@ -8,7 +8,7 @@
 Every figure uses the same random weights and the same prompt (greedy, no end-of-text stop):
   * ms/token at batch 1 and tokens/s at batch 64, after a 128-token prompt, for each way of running the step:
     eager / CUDA graph / torch.compile + CUDA graph, and the path of each block's step (STEP_PATHS, all in
-    kernels/decode_step.py): "block" (the default on CUDA: two Triton kernels and out_proj per layer), "mixer" (the
+    kernels/decode_step.py): "block" (two Triton kernels and out_proj per layer), "mixer" (the default on CUDA: the
     add+RMSNorm kernel, in_proj, two Triton kernels, out_proj), "triton" (the previous default: one kernel per op,
     the Triton conv step and state update) or "torch" (the same with the PyTorch state update).
     "decode" times only the per-token loop (sample + step), "end to end" adds the prefill, as mamba_ssm's figure in
@@ -49,7 +49,7 @@ ANCHOR_MS = 0.84            # mamba_ssm, cg=True, batch 1, prompt 128, 256 new t
 # step path -> (KernelChoice.step, selective_state_update backend of the per-op step)
 STEP_PATHS = {"block": ("triton_block", "auto"), "mixer": ("triton", "auto"), "triton": ("torch", "triton"),
               "torch": ("torch", "torch")}
-DEFAULT_PATH = ("graph", "block")          # what Decoder and generate.py run on CUDA
+DEFAULT_PATH = ("graph", "mixer")          # what Decoder and generate.py run on CUDA
 PREVIOUS_PATH = ("graph", "triton")        # the default before kernels/triton_decode_step.py
 
 

@@ -33,7 +33,7 @@ CHECKS = [
      "max"),
     ("GPU tests failed or errors", "tests.failed", 0, 0, "max"),
 ]
-DEFAULT_DECODE = ("graph/fused", "graph/triton")     # the default CUDA decoding step, newest name first
+DEFAULT_DECODE = ("graph/mixer", "graph/fused", "graph/triton")     # the default CUDA decoding step, newest first
 
 
 def load_json(path: Path, problems: list[str]):

@@ -63,7 +63,9 @@ class KernelChoice:
     def for_scan(cls, scan: str) -> "KernelChoice":
         # The conv, norm and step kernels follow the scan: fused Triton kernels together, or PyTorch together.
         fused = "triton" if scan == "triton" else "torch"
-        return cls(scan=scan, conv=fused, norm=fused, step="triton_block" if scan == "triton" else "torch")
+        # "triton", not "triton_block": on the H200 (2026-12-02, bench/gpu_check.sh) the mixer step took 0.52 ms per
+        # token at batch 1 and 0.87 at batch 64 against the block step's 0.64 and 1.55 (CUDA graph, mamba-130m).
+        return cls(scan=scan, conv=fused, norm=fused, step="triton" if scan == "triton" else "torch")
 
 
 def resolve_or_fall_back(resolve, requested: str, device: torch.device, what: str) -> str:

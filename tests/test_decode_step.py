@@ -150,7 +150,7 @@ def check_decoding_matches_forward(model, ids, prompt_len, tol, reference_kernel
 @pytest.mark.parametrize("step", ["triton_block", "triton"])
 def test_interp_fused_decoding_matches_forward(step):
     model = make_model("triton")
-    assert model.kernels_for(torch.device("cpu")).step == "triton_block"          # the default with Triton
+    assert model.kernels_for(torch.device("cpu")).step == "triton"                # the default with Triton
     model.use_kernels("cpu", dataclasses.replace(model.kernels_for(torch.device("cpu")), step=step))
     ids = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(1))
     check_decoding_matches_forward(model, ids, prompt_len=3, tol=2e-5, reference_kernels=KernelChoice.for_scan("ref"))
@@ -228,7 +228,7 @@ def test_gpu_step_matches_reference(kind, batch, d_model, d_in, dstate, dt_rank,
 @pytest.mark.parametrize("step", ["triton_block", "triton"])
 def test_gpu_fused_decoding_matches_forward(step):
     model = make_model("auto", "cuda", d_model=128, n_layer=3, d_state=16, d_conv=4, vocab_size=300)
-    assert model.kernels_for(torch.device("cuda")).step == "triton_block"
+    assert model.kernels_for(torch.device("cuda")).step == "triton"
     model.use_kernels("cuda", dataclasses.replace(model.kernels_for(torch.device("cuda")), step=step))
     ids = torch.randint(0, 300, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     check_decoding_matches_forward(model, ids, prompt_len=17, tol=1e-4)
