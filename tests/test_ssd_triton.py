@@ -191,6 +191,13 @@ def test_triton_needs_cuda_or_interpreter():
         ssd_scan(x, dt, A, B, C, backend="triton")
 
 
+def test_triton_backward_choice_is_checked():
+    from kernels.triton_ssd import ssd_scan_triton
+    x, dt, A, B, C, *_ = [t.detach() for t in make_inputs(l=5)]
+    with pytest.raises(ValueError, match="backward must be 'kernels' or 'vjp'"):
+        ssd_scan_triton(x, dt, A, B, C, backward="fast")
+
+
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
 @pytest.mark.parametrize("chunk, headdim, dstate, io_type, flags", [
     (256, 64, 128, "bf16", True),       # mamba2-130m: 24 heads x 64, d_state 128, chunk 256, bf16
