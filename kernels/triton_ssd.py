@@ -270,7 +270,10 @@ def _config(chunk_size: int, headdim: int, dstate: int) -> dict:
     """Block sizes for a chunk of `chunk_size` steps: no block larger than needed, none below tl.dot's 16."""
     def fit(block, size):
         return max(16, min(block, triton.next_power_of_2(size)))
-    return dict(BLOCK_M=fit(BLOCK_M, chunk_size), BLOCK_K=fit(BLOCK_K, chunk_size), BLOCK_P=fit(BLOCK_P, headdim),
+    # BLOCK_P stays BLOCK_P (64) below headdim 64: on the H200 (Triton 3.6, bf16) headdim 32 with 32- or 16-wide
+    # blocks gave wrong outputs (relative error ~1) and, at d_state 128, an illegal address; 64-wide masked blocks
+    # were right (2026-12-02, tests/test_ssd_triton.py::test_gpu_matches_chunked).
+    return dict(BLOCK_M=fit(BLOCK_M, chunk_size), BLOCK_K=fit(BLOCK_K, chunk_size), BLOCK_P=BLOCK_P,
                 BLOCK_N=max(16, triton.next_power_of_2(dstate)))
 
 
