@@ -5,14 +5,14 @@
 #     OUT=some/folder bash bench/gpu_check.sh          # default folder: gpu_check_out
 #     bash bench/gpu_check.sh --smoke                  # the plumbing on a CPU: each bench's tiny mode (minutes)
 #
-# Steps, in this order, each under its own time limit (and all under GPU_CHECK_BUDGET_S, 460 s by default: a step
+# Steps, in this order, each under its own time limit (and all under GPU_CHECK_BUDGET_S, 480 s by default: a step
 # gets what is left when its turn comes), each failure or timeout recorded and the next step run:
 #   train     bench_vs_gpt.py at 8x2048 and 2x8192: eager and the CUDA-graph step (--step, where the script has it)
 #   scan      bench_scan.py --device cuda at (8, 2048, 1536, 16) and (4, 8192, 2048, 16): triton and chunked
 #   generate  bench_generate.py --parts variants: batch 1 and 64, every step variant
 #   compile   bench_generate.py --parts compile: batch 1 and 64, torch.compile + CUDA graph
 #   profile   profile_train.py: one step of mamba-130m's shape at 8 x 2048, the top GPU operators
-#   tests     pytest -m gpu, in 3 shards at once (Triton's compiles use the CPU cores; the tests time nothing)
+#   tests     pytest -m gpu, 4 pytest-xdist workers (else 3 shards at once; Triton's compiles use the CPU cores)
 #   conv      bench_conv.py at both issue shapes
 #   ssd       bench_ssd.py --gpu (not an issue figure: last)
 # Writes to $OUT (7 files at most): gpu_check.json (figures by name, each step's status, the benches' own JSON),
@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-gpu_check_out}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 TRAIN_STEPS=${GPU_CHECK_TRAIN_STEPS:-eager,graph}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 SMOKE=0
@@ -71,7 +71,7 @@ step() {
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" "$*" >> "$WORK/steps.tsv"
 }
 
-# The GPU tests in 3 shards run at once, the collected test ids dealt out in turn. Only the modules that mark GPU
+# The GPU tests: 4 pytest-xdist workers where xdist imports, else 3 shards run at once, the ids dealt out in turn. Only the modules that mark GPU
 # tests are collected (quicker; and test_data_corpus.py, which has none, needs pypdf, absent on a bare GPU machine).
 gpu_tests() {
     local limit=$1 t0=$SECONDS
@@ -80,8 +80,16 @@ gpu_tests() {
     timeout -k 5 60 "$PY" -m pytest "${common[@]}" --collect-only "${modules[@]}" > "$WORK/collect.txt" 2>&1
     mapfile -t ids < <(grep '::' "$WORK/collect.txt")
     local shard_limit=$((limit - (SECONDS - t0) - 15))
-    echo "collected ${#ids[@]} GPU tests in $((SECONDS - t0)) s; 3 shards, ${shard_limit} s each"
     [ "$shard_limit" -ge 20 ] || return 124
+    if "$PY" -c "import xdist" 2> /dev/null; then
+        # pytest-xdist: 4 workers share the tests as they go (on the H200, 2026-12-02: 132 tests in 154 s, where
+        # 3 fixed shards had not finished in 178 s)
+        echo "collected ${#ids[@]} GPU tests in $((SECONDS - t0)) s; pytest-xdist, 4 workers, ${shard_limit} s"
+        timeout -k 10 "$shard_limit" "$PY" -m pytest "${common[@]}" -n 4 -rfE --durations=8 \
+            --junitxml="$WORK/tests_0.xml" "${modules[@]}" 2>&1
+        return $?
+    fi
+    echo "collected ${#ids[@]} GPU tests in $((SECONDS - t0)) s; 3 shards, ${shard_limit} s each"
     local n=3 pids=() i
     for ((i = 0; i < n; i++)); do
         local shard=()
@@ -127,7 +135,7 @@ step compile 150 "$BENCH_LOG" "$PY" bench/bench_generate.py "${generate_args[@]}
     --out "$WORK/generate_compile.json"
 step profile 75 "$PROFILE_LOG" "$PY" bench/profile_train.py --model_size medium --batch 8 --seq_len 2048 \
     --rows 30 --json "$WORK/profile.json"
-step tests 240 "$TEST_LOG" gpu_tests
+step tests 200 "$TEST_LOG" gpu_tests
 step conv 60 "$BENCH_LOG" "$PY" bench/bench_conv.py --shapes 8x2048x1536x4,4x8192x2048x4 --out "$WORK/conv"
 [ -f "$WORK/conv/bench_conv.json" ] && cp "$WORK/conv/bench_conv.json" "$WORK/conv.json"
 step ssd 60 "$BENCH_LOG" "$PY" bench/bench_ssd.py --gpu --json "$WORK/ssd.json"
