@@ -239,9 +239,10 @@ def test_gpu_captured_step_matches_eager(tmp_path, precision, family, lora):
     for name, mode in (("eager", "off"), ("eager again", "off"), ("graph", "on")):
         trainer = make_trainer(tmp_path / name.replace(" ", "_"), CUDA, family=family, precision=precision,
                                cuda_graph=mode, lora=lora)
+        start = _weights(trainer)
         losses = _run(trainer, lrs)
         assert (trainer.captured is not None and trainer.captured.captured) == (mode == "on")
-        runs[name] = (losses, _weights(trainer))
+        runs[name] = (losses, [w - w0 for w, w0 in zip(_weights(trainer), start)])
         if mode == "on":   # the checkpoint's optimizer state is that of an eager run
             groups = trainer.training_state()["optimizer"]["param_groups"]
             assert all(g["lr"] == lrs[-1] and not g["capturable"] for g in groups)
@@ -250,11 +251,15 @@ def test_gpu_captured_step_matches_eager(tmp_path, precision, family, lora):
     loss_tol = 1e-5 if precision == "fp32" else 2e-3
     for (a, na, _), (b, nb, _), (c, nc, _) in zip(eager, again, graph):
         assert c == pytest.approx(a, rel=loss_tol) and nc == pytest.approx(na, rel=10 * loss_tol)
-    # Adam moves each weight by ~lr = 1e-3 per step: a lost micro-batch, a stale lr or a skipped step shows at that
-    # scale; the graph may differ from eager by no more than eager differs from itself, plus rounding
-    noise = max((x - y).abs().max().item() for x, y in zip(w_eager, w_again))
-    diff = max((x - y).abs().max().item() for x, y in zip(w_eager, w_graph))
-    assert diff <= 4 * noise + (1e-5 if precision == "fp32" else 2e-4), (diff, noise)
+    # The 8 steps' whole update (weights after minus before), compared as one vector: a skipped step is ~1/8 of it, a
+    # lost micro-batch or a stale lr more. Not weight by weight: Adam turns a rounding-size change in a near-zero
+    # gradient into an lr-size move of that one weight (seen in bf16 with attention, whose backward is not
+    # deterministic either), so single weights differ between two eager runs by chance.
+    def relative_change(updates):
+        num = sum((x - y).float().pow(2).sum() for x, y in zip(updates, w_eager))
+        return (num / sum(x.float().pow(2).sum() for x in w_eager)).sqrt().item()
+    noise, diff = relative_change(w_again), relative_change(w_graph)
+    assert diff <= 4 * noise + (1e-4 if precision == "fp32" else 2e-2), (diff, noise)
 
 
 @pytest.mark.gpu
