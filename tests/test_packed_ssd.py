@@ -171,3 +171,4 @@ def test_interp_triton_without_seq_idx_nothing_changes():
 def test_interpreter_suite():
     """Run this module's `interp_` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
     run_interpreter_suite(__file__)
+
