@@ -21,12 +21,12 @@ from test_ssd import NAMES, make_inputs, rel_err
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
 
-CHUNK = 8
-# Document lengths per row, 29 tokens, chunks of 8 (edges at 8, 16, 24):
-#   row 0: starts at 8 (a chunk edge), 9 (one token after an edge) and 15; the last document spans chunks 1 to 3
-#   row 1: a one-token document at position 0, one of 19 tokens over three chunks, a start at the last token
-LAYOUT = [[8, 1, 6, 14], [1, 19, 8, 1]]
-SEQLEN = 29
+CHUNK = 16                 # the Triton kernels' smallest block: a shorter chunk would leave blocks half empty
+# Document lengths per row, 37 tokens, chunks of 16 (edges at 16 and 32):
+#   row 0: starts at 16 (a chunk edge), 17 (one token after an edge) and 27; the initial state crosses chunk 0
+#   row 1: a one-token document at position 0, one of 34 tokens over all three chunks, starts at the last two tokens
+LAYOUT = [[16, 1, 10, 10], [1, 34, 1, 1]]
+SEQLEN = 37
 
 
 def seq_idx_of(layout):
@@ -36,8 +36,8 @@ def seq_idx_of(layout):
 
 
 def loss_weights(y, final):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(y.shape, generator=gen), torch.randn(final.shape, generator=gen)
+    gen = torch.Generator().manual_seed(1)            # drawn on the CPU (the same numbers on every device)
+    return (torch.randn(y.shape, generator=gen).to(y.device), torch.randn(final.shape, generator=gen).to(y.device))
 
 
 def scan(inputs, backend, **kwargs):
@@ -60,7 +60,7 @@ def gradients(inputs, y, final):
 
 
 def run_packed(inputs, backend, layout, **kwargs):
-    y, final = scan(inputs, backend, seq_idx=seq_idx_of(layout), **kwargs)
+    y, final = scan(inputs, backend, seq_idx=seq_idx_of(layout).to(inputs[0].device), **kwargs)
     return y.detach(), final.detach(), gradients(inputs, y, final)
 
 
@@ -130,12 +130,20 @@ def test_without_seq_idx_nothing_changes():
         assert rel_err(y_one, y) < 1e-6 and rel_err(final_one, final) < 1e-6
 
 
+def relabelled(seq_idx):
+    """The same documents under other numbers: int64, not from 0, with gaps, and one index used twice (row 0's
+    fourth document numbered as its second: a start is wherever the index changes)."""
+    other = seq_idx.long() * 5 + 11
+    other[0][seq_idx[0] == 3] = 16
+    return other
+
+
 def test_document_numbers_only_need_to_change():
-    """A start is where the index changes: int64 indices, not from 0, with gaps, give the same result."""
     inputs = packed_inputs()
-    y, final = scan(inputs, "chunked", seq_idx=seq_idx_of(LAYOUT))
-    y_other, final_other = scan(inputs, "chunked", seq_idx=seq_idx_of(LAYOUT).long() * 5 + 11)
-    assert torch.equal(y, y_other) and torch.equal(final, final_other)
+    for backend in ("ref", "chunked"):
+        y, final = scan(inputs, backend, seq_idx=seq_idx_of(LAYOUT))
+        y_other, final_other = scan(inputs, backend, seq_idx=relabelled(seq_idx_of(LAYOUT)))
+        assert torch.equal(y, y_other) and torch.equal(final, final_other)
 
 
 @pytest.mark.parametrize("seq_idx, message", [
@@ -154,7 +162,11 @@ def test_bad_seq_idx_is_refused(seq_idx, message):
 @pytest.mark.parametrize("backward", ["triton", "triton_vjp"])
 def test_interp_triton_packed_row_equals_its_documents(backward):
     inputs = packed_inputs(h=2, g=2)
-    assert_same(run_packed(inputs, backward, LAYOUT), run_one_by_one(inputs, "ref", LAYOUT))
+    packed = run_packed(inputs, backward, LAYOUT)
+    assert_same(packed, run_one_by_one(inputs, "ref", LAYOUT))
+    if backward == "triton":       # documents under other numbers: the same packed result (the forward suffices)
+        y_other, final_other = scan(inputs, "triton", seq_idx=relabelled(seq_idx_of(LAYOUT)))
+        assert torch.equal(y_other.detach(), packed[0]) and torch.equal(final_other.detach(), packed[1])
 
 
 @interp
@@ -172,3 +184,27 @@ def test_interpreter_suite():
     """Run this module's `interp_` tests in a fresh interpreter with TRITON_INTERPRET=1 (see the module doc)."""
     run_interpreter_suite(__file__)
 
+
+# ---------------------------------------------------------------- GPU (real chunk size)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_packed_row_equals_its_documents(dtype):
+    """At chunk 256 (several blocks per chunk in every kernel): starts on a chunk edge, one token after one, a
+    one-token document at position 0 and at the last token, documents inside one chunk and across three. fp32: the
+    Triton scan of the documents one by one; bf16: the chunked scan of the packed rows (fp32 math on the same
+    inputs), at tests/test_ssd_triton.py's bf16 bounds."""
+    from test_ssd_triton import TOL, grad_err
+    layout = [[256, 1, 100, 667], [1, 700, 67, 255, 1]]
+    inputs = [t.detach().cuda().requires_grad_() for t in make_inputs(b=2, l=1024, h=4, p=64, g=2, n=128,
+                                                                      dtype=dtype)]
+    packed = run_packed(inputs, "triton", layout, chunk_size=256)
+    if dtype == torch.float32:
+        assert_same(packed, run_one_by_one(inputs, "triton", layout, chunk_size=256))
+        return
+    y, final, grads = packed
+    y_ref, final_ref, grads_ref = run_packed(inputs, "chunked", layout, chunk_size=256)
+    tol_y, tol_f, tol_g = TOL[dtype]
+    assert rel_err(y, y_ref) < tol_y and rel_err(final, final_ref) < tol_f
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert grad_err(name, g, g_ref, grads_ref, dtype) < tol_g, name
