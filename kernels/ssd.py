@@ -9,10 +9,11 @@ each), n d_state. Head i reads group i // (h / g). For each batch row and head, 
     y_t  = S_t C_t + D * x_t;   y_t = y_t * silu(z_t)          (D and z optional)
 
 Packed rows (seq_idx, optional): many documents in one row, seq_idx (b, l) integer the document index of each token,
-non-decreasing along a row (0, 0, 0, 1, 1, 2, ...). Where a new document starts (seq_idx_t != seq_idx_{t-1}) the
-state restarts from zero, S_t = dt_t * x_t B_t^T, as if S_{t-1} = 0; nothing flows across a boundary, in either
-direction of the gradient. The first token continues initial_states (it has no predecessor to differ from), and
-the final state is the last document's. seq_idx=None is one document per row, at no extra cost.
+non-decreasing along a row (0, 0, 0, 1, 1, 2, ...). A new document starts wherever seq_idx_t != seq_idx_{t-1} (every
+backend reads it so; the numbers themselves do not matter), and there the state restarts from zero,
+S_t = dt_t * x_t B_t^T, as if S_{t-1} = 0: nothing flows across a boundary, in either direction of the gradient.
+The first token continues initial_states (it has no predecessor to differ from), and the final state is the last
+document's. seq_idx=None is one document per row, at no extra cost.
 
 The decay exp(dt_t * A) is one scalar per head and step (Mamba-1 has one per channel and state), which is what lets
 the chunked form below run on matmuls.

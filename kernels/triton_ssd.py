@@ -15,7 +15,8 @@ h heads, p headdim, g ngroups, n d_state. Four kernels, each one launch:
                                   + sum_{s <= t} (C_t . B_s) exp(acum_t - acum_s) dt_s x_s   (within the chunk)
                                   + D x_t, then * silu(z_t);   y in x's dtype.
 
-Packed rows (seq_idx, constexpr HAS_SEQ_IDX: without it the kernels compile exactly as before): acum keeps the
+Packed rows (seq_idx, constexpr HAS_SEQ_IDX: without it the kernels compile to the code they were before, with
+three unused arguments more): acum keeps the
 real decays, and every term whose decay spans a document start is masked out instead, comparing document indices
 (made 0, 1, 2, ... from the starts by the launcher, so only equality matters): within the chunk, s and t of one
 document; a chunk's own state S_c, only the steps of the chunk's last document; the state entering the chunk, only
@@ -319,7 +320,8 @@ def _seq_args(seq_idx, x):
 
 
 def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q, seq_idx=None):
-    """Steps 1-3 (also what the backward recomputes); seq_idx (b, l) int32 document indices or None. Returns dt and acum (b, h, c, Q) fp32, the states entering
+    """Steps 1-3 (also what the backward recomputes); seq_idx (b, l) int32 document indices or None. Returns dt
+    and acum (b, h, c, Q) fp32, the states entering
     each chunk (b, c, h, p, n) fp32 and the final state (b, h, p, n) fp32."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -348,7 +350,8 @@ def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_ma
     _chunk_state_kernel[(n_blocks, nchunks, batch * nheads)](
         x, B, dt_out, acum, states, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups, *x.stride(), *B.stride(), s_sb, s_sl,
-        HAS_SEQ_IDX=seq_idx is not None, DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_SEQ_IDX=seq_idx is not None, DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
     )
 
@@ -382,10 +385,11 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
     zz = z if z is not None else x
     y_pre = torch.empty_like(x) if z is not None else x.new_empty(0)
     grid = (triton.cdiv(Q, cfg["BLOCK_M"]) * triton.cdiv(headdim, cfg["BLOCK_P"]), nchunks, batch * nheads)
+    seq_ptr, s_sb, s_sl = _seq_args(seq_idx, x)
     _chunk_scan_kernel[grid](
-        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y, y_pre if z is not None else y,
-        _seq_args(seq_idx, x)[0], seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *_seq_args(seq_idx, x)[1:],
+        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y, y_pre if z is not None else y, seq_ptr,
+        seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups,
+        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(), s_sb, s_sl,
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, **cfg,

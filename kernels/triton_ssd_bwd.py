@@ -607,7 +607,8 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
         x, B, C, dY, dt_p, acum, dstates, D if D is not None else A, dx, ddt_part,
         dD_part if D is not None else ddt_part, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, *x.stride(), *B.stride(), *C.stride(), *dY.stride(),
-        s_sb, s_sl, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **packed, num_warps=_num_warps(BN), **dots, **cfg)
+        s_sb, s_sl, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **packed,
+        num_warps=_num_warps(BN), **dots, **cfg)
 
     # 5-7. dCB per group, then dC and dB; acum's pieces: M's row sums per block of s, the state -> output term's,
     # minus M's column sums per block of t (zeros where no block writes)
@@ -617,11 +618,13 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     _dcb_kernel[(n_mblocks * n_kblocks, nchunks, batch * ngroups)](
         x, B, C, dY, dt_p, acum, dcb, dacum_rows, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots, **cfg)
+        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots,
+        **cfg)
     dC = torch.empty_like(C)
     _dc_kernel[(n_mblocks, nchunks, batch * ngroups)](
         B, C, dY, acum, states, dcb, dacum_rows, dC, seq_ptr, seqlen, nheads, headdim, dstate, Q, nchunks, r,
-        ngroups, *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots, **cfg)
+        ngroups, *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots,
+        **cfg)
     dB = torch.empty_like(B)
     _db_kernel[(n_kblocks, nchunks, batch * ngroups)](
         x, C, dt_p, acum, dstates, dcb, dB, seq_ptr, seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
