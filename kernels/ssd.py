@@ -8,6 +8,13 @@ each), n d_state. Head i reads group i // (h / g). For each batch row and head, 
     S_t  = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T          A: one scalar per head, A < 0
     y_t  = S_t C_t + D * x_t;   y_t = y_t * silu(z_t)          (D and z optional)
 
+Packed rows (seq_idx, optional): many documents in one row, seq_idx (b, l) integer the document index of each token,
+non-decreasing along a row (0, 0, 0, 1, 1, 2, ...). A new document starts wherever seq_idx_t != seq_idx_{t-1} (every
+backend reads it so; the numbers themselves do not matter), and there the state restarts from zero,
+S_t = dt_t * x_t B_t^T, as if S_{t-1} = 0: nothing flows across a boundary, in either direction of the gradient.
+The first token continues initial_states (it has no predecessor to differ from), and the final state is the last
+document's. seq_idx=None is one document per row, at no extra cost.
+
 The decay exp(dt_t * A) is one scalar per head and step (Mamba-1 has one per channel and state), which is what lets
 the chunked form below run on matmuls.
 
@@ -51,8 +58,16 @@ def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
     return dt
 
 
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) document indices -> (b, l) bool, True where a new document starts: seq_idx_t != seq_idx_{t-1}.
+    Never at t = 0: the first token continues the initial state."""
+    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
 def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                 initial_states=None, return_final_states=False, chunk_size=None):
+                 initial_states=None, return_final_states=False, chunk_size=None, seq_idx=None):
     """The spec: the recurrence one step at a time, in fp32; y cast back to x's dtype once. Signature of ssd_scan
     (chunk_size is ignored)."""
     batch, seqlen, nheads, headdim = x.shape
@@ -63,6 +78,9 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     Bh = B.float().repeat_interleave(nheads // ngroups, dim=2)                 # (b, l, h, n)
     Ch = C.float().repeat_interleave(nheads // ngroups, dim=2)
     dA = torch.exp(dt * A.float())                                             # (b, l, h)
+    if seq_idx is not None:
+        # a new document: the previous state is multiplied by 0 (forgotten), not decayed
+        dA = dA.masked_fill(document_starts(seq_idx)[:, :, None], 0.0)
     state = (torch.zeros(batch, nheads, headdim, B.shape[-1], device=x.device, dtype=torch.float32)
              if initial_states is None else initial_states.float())           # (b, h, p, n)
     ys = []
@@ -97,7 +115,8 @@ def _implementation(name: str):
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-             initial_states=None, return_final_states=False, chunk_size=DEFAULT_CHUNK_SIZE, backend="auto"):
+             initial_states=None, return_final_states=False, chunk_size=DEFAULT_CHUNK_SIZE, seq_idx=None,
+             backend="auto"):
     """y = the SSD scan of x with per-head scalar decay (Mamba-2), in mamba_ssm's mamba_chunk_scan_combined spirit.
 
     Args:
@@ -113,15 +132,17 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
         initial_states: (b, h, p, n) or None (zeros)
         return_final_states: also return the state after the last step
         chunk_size: tokens per chunk of the chunked backend (any length works, not only multiples of it)
+        seq_idx: (b, l) int32 (or int64) or None: the document index of each token, non-decreasing along a row;
+            the state restarts from zero where it changes (see the module doc). None: one document per row
         backend: "auto", "ref", "chunked" or "triton"
     Returns:
         y (b, l, h, p) in x's dtype; with return_final_states, (y, final_states (b, h, p, n) fp32)
     """
-    _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit, chunk_size)
+    _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit, chunk_size, seq_idx)
     name = resolve_ssd_backend(backend, x.device)
     return _implementation(name)(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                  dt_limit=tuple(dt_limit), initial_states=initial_states,
-                                 return_final_states=return_final_states, chunk_size=chunk_size)
+                                 return_final_states=return_final_states, chunk_size=chunk_size, seq_idx=seq_idx)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -147,7 +168,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     return _skip_and_gate(y, xf, D, z).to(dtype_in)
 
 
-def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit, chunk_size):
+def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit, chunk_size, seq_idx=None):
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, length, nheads, headdim), got shape {tuple(x.shape)}")
     batch, seqlen, nheads, headdim = x.shape
@@ -168,3 +189,11 @@ def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit, chunk
         raise ValueError(f"dt_limit must be (min, max) with 0 <= min <= max, got {dt_limit!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if seq_idx is not None:
+        # (whether it is non-decreasing is not checked: that would wait on the GPU at every call)
+        if tuple(seq_idx.shape) != (batch, seqlen):
+            raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
+        if seq_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seq_idx must be int32 (or int64), got {seq_idx.dtype}")
+        if seq_idx.device != x.device:
+            raise ValueError(f"seq_idx must be on x's device ({x.device}), got {seq_idx.device}")

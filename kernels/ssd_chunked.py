@@ -16,6 +16,14 @@ two large cumulative sums inside L), so a very negative dt*A gives exp(-big) = 0
 
 Any length works: the sequence is padded at its end to a whole number of chunks with dt = 0, where the decay is
 exp(0) = 1 and the input dt x = 0, so padding leaves the final state exactly as it was; the padded outputs are cut.
+Packed rows (seq_idx): a new document at step t forgets the state, S_t = 0 * S_{t-1} + dt_t x_t B_t^T, which is
+the recurrence with a_t = -inf (its decay exp(a_t) = 0; dt_t still scales the input). So a_t is set to -inf at each
+document start and everything above holds unchanged: a segment sum that spans a start is -inf, its exp is 0, and
+L, the decays to each chunk's end, exp(acum_t) and the chunk totals of step 3 all cut at the boundary. Only the
+decay to the chunk's end changes form: exp(acum_Q - acum_s) would be -inf - (-inf) = NaN, so it is the sum over
+k > s of a_k (a reversed cumulative sum), as the segment sums are. Autograd stays finite: exp(-inf) = 0 makes its
+gradient 0, and a cumulative sum's backward never looks at its values.
+
 Groups: B and C are (b, l, g, n) and stay per group; heads are laid out as (g, h / g) so the (Q, Q) matrix C B^T is
 formed once per group and broadcast to its heads. All arithmetic is fp32; y comes back in x's dtype, the final state
 in fp32. The backward is autograd's through these few large ops.
@@ -27,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ssd import _skip_and_gate, process_dt
+from .ssd import _skip_and_gate, document_starts, process_dt
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -44,7 +52,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 
 def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                     initial_states=None, return_final_states=False, chunk_size=256):
+                     initial_states=None, return_final_states=False, chunk_size=256, seq_idx=None):
     """The chunked SSD scan; signature and result of kernels.ssd.ssd_scan_ref (see kernels/ssd.py)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, d_state = B.shape[2], B.shape[3]
@@ -64,6 +72,9 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     Bc, Cc = Bc[:, :, None], Cc[:, :, None]                                    # (b, g, 1, c, Q, n)
 
     a = dtc * A.float().view(ngroups, r, 1, 1)                                 # (b, g, r, c, Q), <= 0
+    if seq_idx is not None:
+        starts = F.pad(document_starts(seq_idx), (0, pad)).view(batch, 1, 1, nchunks, Q)
+        a = a.masked_fill(starts, -math.inf)                                   # the state is forgotten there
     acum = torch.cumsum(a, dim=-1)
     Xdt = X * dtc[..., None]                                                   # (b, g, r, c, Q, p)
 
@@ -73,7 +84,12 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     Y = (CB * L) @ Xdt                                                         # (b, g, r, c, Q, p)
 
     # 2. the state each chunk produces from its own inputs
-    decay_to_end = torch.exp(acum[..., -1:] - acum)                            # (b, g, r, c, Q), <= 1
+    if seq_idx is None:
+        decay_to_end = torch.exp(acum[..., -1:] - acum)                        # (b, g, r, c, Q), <= 1
+    else:
+        # sum over k > s of a_k, no difference of two (possibly -inf) cumulative sums
+        after = torch.flip(torch.cumsum(torch.flip(a, (-1,)), dim=-1), (-1,))    # sum over k >= s
+        decay_to_end = torch.exp(F.pad(after[..., 1:], (0, 1)))
     S = (Xdt * decay_to_end[..., None]).transpose(-1, -2) @ Bc                 # (b, g, r, c, p, n)
 
     # 3. carry the states across chunks: H_c = sum_{k <= c} exp(a_k+1 + ... + a_c (chunk totals)) S'_k

@@ -15,6 +15,15 @@ h heads, p headdim, g ngroups, n d_state. Four kernels, each one launch:
                                   + sum_{s <= t} (C_t . B_s) exp(acum_t - acum_s) dt_s x_s   (within the chunk)
                                   + D x_t, then * silu(z_t);   y in x's dtype.
 
+Packed rows (seq_idx, constexpr HAS_SEQ_IDX: without it the kernels compile to the code they were before, with
+three unused arguments more): acum keeps the
+real decays, and every term whose decay spans a document start is masked out instead, comparing document indices
+(made 0, 1, 2, ... from the starts by the launcher, so only equality matters): within the chunk, s and t of one
+document; a chunk's own state S_c, only the steps of the chunk's last document; the state entering the chunk, only
+the steps of the document of the step before the chunk (of step 0 in chunk 0: the initial state is the first
+document's); the state passing, exp(acum_Q) only when the chunk's last step is of the previous chunk's last step's
+document (no start inside), else 0. A masked exponent is -inf (exp gives 0), never a decay times a 0/1 mask.
+
 Numerics: the within-chunk decay is exp(acum_t - acum_s) of two cumulative sums (as in mamba_ssm's kernels); the
 exponent is masked with tl.where to -inf above the diagonal and past the end (not the decay multiplied by a 0/1 mask),
 so no decay is ever inf and an underflow is a clean 0: a very negative dt * A gives 0, never inf * 0 = NaN. (Unlike
@@ -42,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_interpreting
+from .ssd import document_starts
 
 # Block sizes of the chunk-state and chunk-scan kernels (tl.dot needs every dimension >= 16 on the GPU).
 # Untuned first choices, for the H200 sweep: BLOCK_M x BLOCK_P output tiles of steps x headdim.
@@ -111,10 +121,10 @@ def _chunk_cumsum_kernel(
 
 @triton.jit
 def _chunk_state_kernel(
-    x_ptr, B_ptr, dt_ptr, acum_ptr, states_ptr,
+    x_ptr, B_ptr, dt_ptr, acum_ptr, states_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
-    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn,
-    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
+    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_sb, s_sl,
+    HAS_SEQ_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_pn = tl.program_id(0)
@@ -133,19 +143,24 @@ def _chunk_state_kernel(
     acum_end = tl.load(acum_ptr + chunk_base + chunk_size - 1)
     x_base = x_ptr + pid_b * s_xb + pid_h * s_xh
     B_base = B_ptr + pid_b * s_Bb + pid_g * s_Bg
+    if HAS_SEQ_IDX:            # only the chunk's last document reaches its end
+        seq_end = tl.load(seq_ptr + pid_b * s_sb + (tl.minimum((pid_c + 1) * chunk_size, seqlen) - 1) * s_sl)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     k = 0
     while k < chunk_size:      # (while loops: Triton's interpreter cannot range() over a run-time bound)
         offs_k = k + tl.arange(0, BLOCK_K)
         offs_t = pid_c * chunk_size + offs_k
         mask_k = (offs_k < chunk_size) & (offs_t < seqlen)
+        keep = mask_k
+        if HAS_SEQ_IDX:
+            keep = keep & (tl.load(seq_ptr + pid_b * s_sb + offs_t * s_sl, mask=mask_k, other=-1) == seq_end)
         xT = tl.load(x_base + offs_t[None, :] * s_xl + offs_p[:, None] * s_xp,
                      mask=mask_p[:, None] & mask_k[None, :], other=0.0)                  # (BP, BK)
         Bk = tl.load(B_base + offs_t[:, None] * s_Bl + offs_n[None, :] * s_Bn,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)                  # (BK, BN)
         dt = tl.load(dt_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         acum = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
-        scale = tl.exp(tl.where(mask_k, acum_end - acum, float("-inf"))) * dt                 # (BK,)
+        scale = tl.exp(tl.where(keep, acum_end - acum, float("-inf"))) * dt                   # (BK,)
         acc += _dot(xT.to(tl.float32) * scale[None, :], Bk, x_ptr.dtype.element_ty, DOT_PRECISION, BF16_ROUNDTRIP)
         k += BLOCK_K
 
@@ -157,9 +172,9 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_passing_kernel(
-    states_ptr, acum_ptr, init_ptr, final_ptr,
-    nheads, chunk_size, nchunks, state_size,
-    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    states_ptr, acum_ptr, init_ptr, final_ptr, seq_ptr,
+    seqlen, nheads, chunk_size, nchunks, state_size, s_sb, s_sl,
+    HAS_INIT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -172,23 +187,30 @@ def _state_passing_kernel(
     else:
         H = tl.zeros((BLOCK,), dtype=tl.float32)
     acum_last = acum_ptr + pid_bh * nchunks * chunk_size + chunk_size - 1                # (b, h, c, Q)[..., Q-1]
+    if HAS_SEQ_IDX:
+        seq_prev = tl.load(seq_ptr + pid_b * s_sb)          # the initial state is the first document's
     c = 0
     while c < nchunks:
         ptrs = states_ptr + ((pid_b * nchunks + c) * nheads + pid_h) * state_size + offs
         S = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, H, mask=mask)                                                     # the state entering c
-        H = tl.exp(tl.load(acum_last + c * chunk_size)) * H + S
+        a_end = tl.load(acum_last + c * chunk_size)
+        if HAS_SEQ_IDX:    # a document starts in chunk c: what entered it is forgotten by its end
+            seq_end = tl.load(seq_ptr + pid_b * s_sb + (tl.minimum((c + 1) * chunk_size, seqlen) - 1) * s_sl)
+            a_end = tl.where(seq_end == seq_prev, a_end, float("-inf"))
+            seq_prev = seq_end
+        H = tl.exp(a_end) * H + S
         c += 1
     tl.store(final_ptr + pid_bh * state_size + offs, H, mask=mask)
 
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, acum_ptr, states_ptr, D_ptr, z_ptr, y_ptr, y_pre_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, acum_ptr, states_ptr, D_ptr, z_ptr, y_ptr, y_pre_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
     s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
-    s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    s_zb, s_zl, s_zh, s_zp, s_yb, s_yl, s_yh, s_yp, s_sb, s_sl,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -220,7 +242,12 @@ def _chunk_scan_kernel(
                 + offs_p[None, :] * dstate + offs_n[:, None],
                 mask=mask_n[:, None] & mask_p[None, :], other=0.0)                       # (BN, BP) fp32
     acc = _dot(Cm, H, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
-    acc = acc * tl.exp(acum_m)[:, None]                                                   # (BM, BP)
+    if HAS_SEQ_IDX:        # H_c reaches only the steps of the document of the step before the chunk
+        seq_m = tl.load(seq_ptr + pid_b * s_sb + offs_tm * s_sl, mask=mask_m, other=-1)
+        seq_prev = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(pid_c * chunk_size - 1, 0) * s_sl)
+        acc = acc * tl.exp(tl.where(seq_m == seq_prev, acum_m, float("-inf")))[:, None]
+    else:
+        acc = acc * tl.exp(acum_m)[:, None]                                               # (BM, BP)
 
     # within the chunk: sum over s <= t of (C_t . B_s) exp(acum_t - acum_s) dt_s x_s, blocks of BLOCK_K steps s
     x_base = x_ptr + pid_b * s_xb + pid_h * s_xh
@@ -237,6 +264,9 @@ def _chunk_scan_kernel(
         acum_k = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         dt_k = tl.load(dt_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         causal = (offs_m[:, None] >= offs_k[None, :]) & mask_m[:, None] & mask_k[None, :]
+        if HAS_SEQ_IDX:    # and s, t of one document
+            seq_k = tl.load(seq_ptr + pid_b * s_sb + offs_tk * s_sl, mask=mask_k, other=-1)
+            causal = causal & (seq_m[:, None] == seq_k[None, :])
         decay = tl.exp(tl.where(causal, acum_m[:, None] - acum_k[None, :], float("-inf")))   # 0 above the diagonal
         W = CB * decay * dt_k[None, :]
         xk = tl.load(x_base + offs_tk[:, None] * s_xl + offs_p[None, :] * s_xp,
@@ -282,8 +312,16 @@ def _state_block(state_size: int) -> int:
     return min(STATE_BLOCK, triton.next_power_of_2(state_size))
 
 
-def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q):
-    """Steps 1-3 (also what the backward recomputes). Returns dt and acum (b, h, c, Q) fp32, the states entering
+def _seq_args(seq_idx, x):
+    """(pointer, batch stride, step stride) of seq_idx for the kernels; x stands in for the pointer without one."""
+    if seq_idx is None:
+        return x, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q, seq_idx=None):
+    """Steps 1-3 (also what the backward recomputes); seq_idx (b, l) int32 document indices or None. Returns dt
+    and acum (b, h, c, Q) fp32, the states entering
     each chunk (b, c, h, p, n) fp32 and the final state (b, h, p, n) fp32."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
@@ -308,10 +346,12 @@ def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_ma
     # 2. each chunk's own state, (b, c, h, p, n) fp32
     states = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
     n_blocks = triton.cdiv(headdim, cfg["BLOCK_P"]) * triton.cdiv(dstate, cfg["BLOCK_N"])
+    seq_ptr, s_sb, s_sl = _seq_args(seq_idx, x)
     _chunk_state_kernel[(n_blocks, nchunks, batch * nheads)](
-        x, B, dt_out, acum, states,
-        seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups, *x.stride(), *B.stride(),
-        DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        x, B, dt_out, acum, states, seq_ptr,
+        seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups, *x.stride(), *B.stride(), s_sb, s_sl,
+        HAS_SEQ_IDX=seq_idx is not None, DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
     )
 
@@ -320,13 +360,14 @@ def _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_ma
     state_size = headdim * dstate
     block = _state_block(state_size)
     _state_passing_kernel[(triton.cdiv(state_size, block), batch * nheads)](
-        states, acum, initial_states if initial_states is not None else final, final,
-        nheads, Q, nchunks, state_size, HAS_INIT=initial_states is not None, BLOCK=block,
+        states, acum, initial_states if initial_states is not None else final, final, seq_ptr,
+        seqlen, nheads, Q, nchunks, state_size, s_sb, s_sl,
+        HAS_INIT=initial_states is not None, HAS_SEQ_IDX=seq_idx is not None, BLOCK=block,
     )
     return dt_out, acum, states, final
 
 
-def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size):
+def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, seq_idx):
     """Launch the four kernels. Returns y (b, l, h, p) in x's dtype, the final state (b, h, p, n) fp32, and with z
     the ungated y (what the gate's backward needs; an empty tensor without z)."""
     batch, seqlen, nheads, headdim = x.shape
@@ -336,18 +377,21 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
     cfg = _config(Q, headdim, dstate)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"     # bf16/fp16 dots ignore it
     roundtrip = triton_interpreting() and x.dtype == torch.bfloat16
-    dt_out, acum, states, final = _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q)
+    dt_out, acum, states, final = _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q,
+                                              seq_idx)
 
     # 4. the outputs
     y = torch.empty_like(x)
     zz = z if z is not None else x
     y_pre = torch.empty_like(x) if z is not None else x.new_empty(0)
     grid = (triton.cdiv(Q, cfg["BLOCK_M"]) * triton.cdiv(headdim, cfg["BLOCK_P"]), nchunks, batch * nheads)
+    seq_ptr, s_sb, s_sl = _seq_args(seq_idx, x)
     _chunk_scan_kernel[grid](
-        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y, y_pre if z is not None else y,
+        x, B, C, dt_out, acum, states, D if D is not None else A, zz, y, y_pre if z is not None else y, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, nheads // ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(), s_sb, s_sl,
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
         DOT_PRECISION=precision, BF16_ROUNDTRIP=roundtrip, **cfg,
     )
     return y, final, y_pre
@@ -364,13 +408,15 @@ def _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min,
 def ssd_scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                     initial_states: Optional[torch.Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                    chunk_size: int, vjp_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    chunk_size: int, vjp_backward: bool,
+                    seq_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (b, l, h, p) in x's dtype, the final state (b, h, p, n) fp32, and y before the gate (empty without z)."""
-    return _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size)
+    return _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, seq_idx)
 
 
 @ssd_scan_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward,
+      seq_idx):
     batch, _, nheads, headdim = x.shape
     y_pre = torch.empty_like(x) if z is not None else x.new_empty(0)
     return torch.empty_like(x), x.new_empty(batch, nheads, headdim, B.shape[-1], dtype=torch.float32), y_pre
@@ -380,17 +426,18 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max
 def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                     initial_states: Optional[torch.Tensor], y_pre: torch.Tensor, dt_softplus: bool, dt_min: float,
-                    dt_max: float, chunk_size: int, dy: torch.Tensor,
-                    dfinal: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                    dt_max: float, chunk_size: int, dy: torch.Tensor, dfinal: Optional[torch.Tensor],
+                    seq_idx: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of (x, dt, A, B, C) and, where given, of D, z, dt_bias, initial_states (in that order),
     by the Triton backward kernels."""
     from .triton_ssd_bwd import ssd_bwd
     return ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size,
-                   dy, dfinal)
+                   dy, dfinal, seq_idx)
 
 
 @ssd_scan_bwd_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal,
+      seq_idx):
     return [torch.empty_like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None]
 
 
@@ -398,7 +445,8 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min,
 def ssd_scan_bwd_vjp_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                         initial_states: Optional[torch.Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                        chunk_size: int, dy: torch.Tensor, dfinal: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                        chunk_size: int, dy: torch.Tensor, dfinal: Optional[torch.Tensor],
+                        seq_idx: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """The same gradients as ssd_scan_bwd's: the forward recomputed by the chunked PyTorch scan, differentiated by
     autograd (the earlier backward, slower: fp32 matmuls and many elementwise passes)."""
     from .ssd_chunked import ssd_scan_chunked
@@ -412,7 +460,7 @@ def ssd_scan_bwd_vjp_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
         xx, dtt, AA, BB, CC, DD, zz, bias, h0 = args
         y, final = ssd_scan_chunked(xx, dtt, AA, BB, CC, D=DD, z=zz, dt_bias=bias, dt_softplus=dt_softplus,
                                     dt_limit=(dt_min, dt_max), initial_states=h0, return_final_states=True,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, seq_idx=seq_idx)
         return (y, final) if dfinal is not None else y
 
     # torch.func.vjp, not torch.autograd.grad: a custom op's implementation runs below the autograd dispatch key,
@@ -422,46 +470,48 @@ def ssd_scan_bwd_vjp_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 
 
 @ssd_scan_bwd_vjp_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, dy, dfinal, seq_idx):
     return [torch.empty_like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward = inputs
+    (x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max, chunk_size, vjp_backward,
+     seq_idx) = inputs
     ctx.args = (dt_softplus, dt_min, dt_max, chunk_size)
     ctx.vjp_backward = vjp_backward
     ctx.present = tuple(t is not None for t in (D, z, dt_bias, initial_states))
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[2])
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, output[2], seq_idx)
 
 
 def _backward(ctx, dy, dfinal, dy_pre):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, seq_idx = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     dfinal = dfinal.contiguous() if dfinal is not None else None
     if ctx.vjp_backward:
         grads = ssd_scan_bwd_vjp_op(x, dt, A, B, C, D, z, dt_bias, initial_states, *ctx.args, dy.contiguous(),
-                                    dfinal)
+                                    dfinal, seq_idx)
     else:
         grads = ssd_scan_bwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, *ctx.args, dy.contiguous(),
-                                dfinal)
+                                dfinal, seq_idx)
     grads = iter(grads)
     dx, ddt, dA, dB, dC = (next(grads) for _ in range(5))
     dD, dz, dbias, dinit = (next(grads) if present else None for present in ctx.present)
-    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None, None, None
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit, None, None, None, None, None, None
 
 
 ssd_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ssd_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                    initial_states=None, return_final_states=False, chunk_size=256, backward="kernels"):
+                    initial_states=None, return_final_states=False, chunk_size=256, seq_idx=None,
+                    backward="kernels"):
     """The SSD scan with the Triton forward; signature and result of kernels.ssd.ssd_scan_ref (see kernels/ssd.py).
 
     Args:
         x: (b, l, h, p);  dt: (b, l, h);  A: (h,) fp32;  B, C: (b, l, g, n) with n <= 256;  D: (h,) or (h, p);
-        z: (b, l, h, p);  dt_bias: (h,);  initial_states: (b, h, p, n)  (CUDA tensors, or CPU ones under
-        TRITON_INTERPRET=1)
+        z: (b, l, h, p);  dt_bias: (h,);  initial_states: (b, h, p, n);  seq_idx: (b, l) integer document indices
+        (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)
         backward: "kernels" (the Triton backward) or "vjp" (the earlier recompute through the chunked scan's
         autograd; for side-by-side benchmarks)
     Returns:
@@ -482,12 +532,17 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
         from .ssd_chunked import ssd_scan_chunked
         return ssd_scan_chunked(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                 dt_limit=dt_limit, initial_states=initial_states,
-                                return_final_states=return_final_states, chunk_size=chunk_size)
+                                return_final_states=return_final_states, chunk_size=chunk_size, seq_idx=seq_idx)
     # contiguous at the boundary: the kernels take strides, but the fp32 intermediates assume their own layouts
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
     A = A.contiguous()
     D, z, dt_bias, initial_states = (t.contiguous() if t is not None else None
                                      for t in (D, z, dt_bias, initial_states))
+    if seq_idx is not None:
+        # renumbered 0, 1, 2, ... from the starts (int32, contiguous): the kernels compare indices for equality,
+        # which then means "no start between", whatever numbers the caller used
+        seq_idx = document_starts(seq_idx).cumsum(dim=1, dtype=torch.int32)
     y, final, _ = ssd_scan_fwd_op(x, dt, A, B, C, D, z, dt_bias, initial_states, bool(dt_softplus),
-                                  float(dt_limit[0]), float(dt_limit[1]), int(chunk_size), backward == "vjp")
+                                  float(dt_limit[0]), float(dt_limit[1]), int(chunk_size), backward == "vjp",
+                                  seq_idx)
     return (y, final) if return_final_states else y

@@ -36,6 +36,10 @@ are cheap; the chunk scan, the forward's costly step, is not):
     7. _db_kernel                    dB = dCB^T C + sum_h exp(acum_end - acum_s) dt_s x_s dS_c
     8. _dt_bwd_kernel                acum's gradient -> da (reverse cumsum) -> ddt, dA, d dt_bias through the
                                      softplus and dt_limit's clamp
+Packed rows (seq_idx, constexpr HAS_SEQ_IDX): every decay the forward masks at a document start is masked the same
+way here (kernels 2-7; see kernels/triton_ssd.py), so its gradients vanish with it: no piece of acum's gradient
+then spans a start, and a_k at a document's first step (which the forward never uses) gets none.
+
 Partial sums over blocks (dD, dA, d dt_bias; the pieces of acum's gradient) go to small fp32 buffers, one slot
 per block, and are added up afterwards. Dot operands are in x's dtype (bf16 on tensor cores for bf16 inputs) with
 fp32 accumulation, as in the forward; elementwise work is fp32 in registers.
@@ -49,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_interpreting
-from .triton_ssd import _config, _dot, _softplus, _ssd_states, _state_block
+from .triton_ssd import _config, _dot, _seq_args, _softplus, _ssd_states, _state_block
 
 
 @triton.jit
@@ -67,10 +71,10 @@ def _gate_bwd_kernel(dy_ptr, z_ptr, y_pre_ptr, dY_ptr, dz_ptr, numel, BLOCK: tl.
 
 @triton.jit
 def _dstates_kernel(
-    dY_ptr, C_ptr, acum_ptr, dstates_ptr,
+    dY_ptr, C_ptr, acum_ptr, dstates_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
-    s_yb, s_yl, s_yh, s_yp, s_Cb, s_Cl, s_Cg, s_Cn,
-    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
+    s_yb, s_yl, s_yh, s_yp, s_Cb, s_Cl, s_Cg, s_Cn, s_sb, s_sl,
+    HAS_SEQ_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dH_c[p, n] = sum_t exp(acum_t) dY_t[p] C_t[n]: the gradient of the state entering chunk c from its outputs
@@ -90,18 +94,23 @@ def _dstates_kernel(
     chunk_base = (pid_b * nheads + pid_h) * nchunks * chunk_size + pid_c * chunk_size   # into (b, h, c, Q)
     dY_base = dY_ptr + pid_b * s_yb + pid_h * s_yh
     C_base = C_ptr + pid_b * s_Cb + pid_g * s_Cg
+    if HAS_SEQ_IDX:        # H_c reaches only the steps of the document of the step before the chunk
+        seq_prev = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(pid_c * chunk_size - 1, 0) * s_sl)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     k = 0
     while k < chunk_size:
         offs_k = k + tl.arange(0, BLOCK_K)
         offs_t = pid_c * chunk_size + offs_k
         mask_k = (offs_k < chunk_size) & (offs_t < seqlen)
+        keep = mask_k
+        if HAS_SEQ_IDX:
+            keep = keep & (tl.load(seq_ptr + pid_b * s_sb + offs_t * s_sl, mask=mask_k, other=-1) == seq_prev)
         dYT = tl.load(dY_base + offs_t[None, :] * s_yl + offs_p[:, None] * s_yp,
                       mask=mask_p[:, None] & mask_k[None, :], other=0.0)                 # (BP, BK)
         Ck = tl.load(C_base + offs_t[:, None] * s_Cl + offs_n[None, :] * s_Cn,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)                  # (BK, BN)
         acum = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
-        scale = tl.exp(tl.where(mask_k, acum, float("-inf")))                             # (BK,)
+        scale = tl.exp(tl.where(keep, acum, float("-inf")))                               # (BK,)
         acc += _dot(dYT.to(tl.float32) * scale[None, :], Ck, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
         k += BLOCK_K
 
@@ -112,9 +121,9 @@ def _dstates_kernel(
 
 @triton.jit
 def _state_passing_bwd_kernel(
-    dstates_ptr, states_ptr, acum_ptr, dfinal_ptr, dinit_ptr, dend_ptr,
-    nheads, chunk_size, nchunks, state_size,
-    HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    dstates_ptr, states_ptr, acum_ptr, dfinal_ptr, dinit_ptr, dend_ptr, seq_ptr,
+    seqlen, nheads, chunk_size, nchunks, state_size, s_sb, s_sl,
+    HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Backwards over the chunks: G_c, the gradient of H_c, is dH_c + exp(acum_end_c) G_{c+1}, from G_nc = dfinal.
     # dS_c = G_{c+1} overwrites dH_c; acum_end_c's gradient through the state passing is
@@ -135,7 +144,12 @@ def _state_passing_bwd_kernel(
     while c >= 0:
         ptr = ((pid_b * nchunks + c) * nheads + pid_h) * state_size + offs                 # (b, c, h, p * n)
         H = tl.load(states_ptr + ptr, mask=mask, other=0.0)                                 # H_c
-        decay = tl.exp(tl.load(acum_last + c * chunk_size))
+        a_end = tl.load(acum_last + c * chunk_size)
+        if HAS_SEQ_IDX:    # the forward's mask: 0 where a document starts in chunk c
+            seq_end = tl.load(seq_ptr + pid_b * s_sb + (tl.minimum((c + 1) * chunk_size, seqlen) - 1) * s_sl)
+            seq_prev = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(c * chunk_size - 1, 0) * s_sl)
+            a_end = tl.where(seq_end == seq_prev, a_end, float("-inf"))
+        decay = tl.exp(a_end)
         tl.store(dend_ptr + (pid_bh * nchunks + c) * n_sblocks + pid_s, decay * tl.sum(G * H, axis=0))
         dH = tl.load(dstates_ptr + ptr, mask=mask, other=0.0)
         tl.store(dstates_ptr + ptr, G, mask=mask)                                           # dS_c
@@ -147,10 +161,10 @@ def _state_passing_bwd_kernel(
 
 @triton.jit
 def _dx_kernel(
-    x_ptr, B_ptr, C_ptr, dY_ptr, dt_ptr, acum_ptr, dstates_ptr, D_ptr, dx_ptr, ddt_part_ptr, dD_part_ptr,
+    x_ptr, B_ptr, C_ptr, dY_ptr, dt_ptr, acum_ptr, dstates_ptr, D_ptr, dx_ptr, ddt_part_ptr, dD_part_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group,
-    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp, s_sb, s_sl,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -186,7 +200,12 @@ def _dx_kernel(
                   + offs_p[None, :] * dstate + offs_n[:, None],
                   mask=mask_n[:, None] & mask_p[None, :], other=0.0)                     # (BN, BP) fp32
     acc = _dot(Bm, dST, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
-    acc = acc * tl.exp(tl.where(mask_m, acum_end - acum_m, float("-inf")))[:, None]      # (BM, BP)
+    keep_m = mask_m
+    if HAS_SEQ_IDX:        # only the chunk's last document reaches its end
+        seq_m = tl.load(seq_ptr + pid_b * s_sb + offs_tm * s_sl, mask=mask_m, other=-1)
+        seq_end = tl.load(seq_ptr + pid_b * s_sb + (tl.minimum((pid_c + 1) * chunk_size, seqlen) - 1) * s_sl)
+        keep_m = keep_m & (seq_m == seq_end)
+    acc = acc * tl.exp(tl.where(keep_m, acum_end - acum_m, float("-inf")))[:, None]      # (BM, BP)
     mask_mp = mask_m[:, None] & mask_p[None, :]
     xm = tl.load(x_ptr + pid_b * s_xb + pid_h * s_xh + offs_tm[:, None] * s_xl + offs_p[None, :] * s_xp,
                  mask=mask_mp, other=0.0).to(tl.float32)
@@ -208,6 +227,9 @@ def _dx_kernel(
         CBT = _dot(Bm, CT, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)                         # (BM, BK): [s, t]
         acum_k = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         causal = (offs_k[None, :] >= offs_m[:, None]) & mask_m[:, None] & mask_k[None, :]
+        if HAS_SEQ_IDX:    # and s, t of one document
+            seq_k = tl.load(seq_ptr + pid_b * s_sb + offs_tk * s_sl, mask=mask_k, other=-1)
+            causal = causal & (seq_m[:, None] == seq_k[None, :])
         decay = tl.exp(tl.where(causal, acum_k[None, :] - acum_m[:, None], float("-inf")))
         dYk = tl.load(dY_base + offs_tk[:, None] * s_yl + offs_p[None, :] * s_yp,
                       mask=mask_k[:, None] & mask_p[None, :], other=0.0)                 # (BK, BP)
@@ -233,10 +255,10 @@ def _dx_kernel(
 
 @triton.jit
 def _dcb_kernel(
-    x_ptr, B_ptr, C_ptr, dY_ptr, dt_ptr, acum_ptr, dcb_ptr, dacum_rows_ptr,
+    x_ptr, B_ptr, C_ptr, dY_ptr, dt_ptr, acum_ptr, dcb_ptr, dacum_rows_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, ngroups,
-    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp,
-    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
+    s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp, s_sb, s_sl,
+    HAS_SEQ_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One (BM x BK) block of (t, s) on or below the diagonal of one group's chunk: dCB[t,s] = sum over the group's
@@ -266,6 +288,10 @@ def _dcb_kernel(
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)                 # (BN, BK)
         CB = _dot(Cm, BT, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)                         # (BM, BK)
         causal = (offs_m[:, None] >= offs_k[None, :]) & mask_m[:, None] & mask_k[None, :]
+        if HAS_SEQ_IDX:    # and s, t of one document
+            seq_m = tl.load(seq_ptr + pid_b * s_sb + offs_tm * s_sl, mask=mask_m, other=-1)
+            seq_k = tl.load(seq_ptr + pid_b * s_sb + offs_tk * s_sl, mask=mask_k, other=-1)
+            causal = causal & (seq_m[:, None] == seq_k[None, :])
         CB = tl.where(offs_m[:, None] > offs_k[None, :], CB, 0.0)                       # for M: strictly below
         n_mblocks = tl.cdiv(chunk_size, BLOCK_M)
         dcb = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -306,10 +332,10 @@ def _dcb_kernel(
 
 @triton.jit
 def _dc_kernel(
-    B_ptr, C_ptr, dY_ptr, acum_ptr, states_ptr, dcb_ptr, dacum_rows_ptr, dC_ptr,
+    B_ptr, C_ptr, dY_ptr, acum_ptr, states_ptr, dcb_ptr, dacum_rows_ptr, dC_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, ngroups,
-    s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp,
-    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
+    s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn, s_yb, s_yl, s_yh, s_yp, s_sb, s_sl,
+    HAS_SEQ_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dC_t = sum_{s <= t} dCB[t,s] B_s + sum over the group's heads of exp(acum_t) dY_t H_c; per head, the state ->
@@ -346,6 +372,11 @@ def _dc_kernel(
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)       # (BM, BN)
     n_kblocks = tl.cdiv(chunk_size, BLOCK_K)
     n_slots = n_kblocks + 1 + tl.cdiv(chunk_size, BLOCK_M)
+    keep_m = mask_m
+    if HAS_SEQ_IDX:        # H_c reaches only the steps of the document of the step before the chunk
+        seq_m = tl.load(seq_ptr + pid_b * s_sb + offs_tm * s_sl, mask=mask_m, other=-1)
+        seq_prev = tl.load(seq_ptr + pid_b * s_sb + tl.maximum(pid_c * chunk_size - 1, 0) * s_sl)
+        keep_m = keep_m & (seq_m == seq_prev)
     h = pid_g * heads_per_group
     while h < (pid_g + 1) * heads_per_group:
         chunk_base = (pid_b * nheads + h) * nchunks * chunk_size + pid_c * chunk_size
@@ -362,7 +393,7 @@ def _dc_kernel(
                         mask=mask_p[:, None] & mask_n[None, :], other=0.0)              # (BP, BN) fp32
             acc_h += _dot(dYm, H, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
             p += BLOCK_P
-        acc_h = acc_h * tl.exp(tl.where(mask_m, acum_m, float("-inf")))[:, None]
+        acc_h = acc_h * tl.exp(tl.where(keep_m, acum_m, float("-inf")))[:, None]
         rows = ((pid_b * nheads + h) * nchunks + pid_c) * n_slots + n_kblocks
         tl.store(dacum_rows_ptr + rows * chunk_size + offs_m, tl.sum(acc_h * Cm, axis=1), mask=offs_m < chunk_size)
         acc += acc_h
@@ -373,10 +404,10 @@ def _dc_kernel(
 
 @triton.jit
 def _db_kernel(
-    x_ptr, C_ptr, dt_ptr, acum_ptr, dstates_ptr, dcb_ptr, dB_ptr,
+    x_ptr, C_ptr, dt_ptr, acum_ptr, dstates_ptr, dcb_ptr, dB_ptr, seq_ptr,
     seqlen, nheads, headdim, dstate, chunk_size, nchunks, heads_per_group, ngroups,
-    s_xb, s_xl, s_xh, s_xp, s_Cb, s_Cl, s_Cg, s_Cn, s_Bb, s_Bl, s_Bg, s_Bn,
-    DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
+    s_xb, s_xl, s_xh, s_xp, s_Cb, s_Cl, s_Cg, s_Cn, s_Bb, s_Bl, s_Bg, s_Bn, s_sb, s_sl,
+    HAS_SEQ_IDX: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_ROUNDTRIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dB_s = sum_{t >= s} dCB[t,s] C_t + sum over the group's heads of exp(acum_end - acum_s) dt_s x_s dS_c
@@ -407,13 +438,18 @@ def _db_kernel(
         acc += _dot(dcbT, Cm, dot_t, DOT_PRECISION, BF16_ROUNDTRIP)
         m += BLOCK_M
 
+    keep_k = mask_k
+    if HAS_SEQ_IDX:        # only the chunk's last document reaches its end
+        seq_k = tl.load(seq_ptr + pid_b * s_sb + offs_tk * s_sl, mask=mask_k, other=-1)
+        seq_end = tl.load(seq_ptr + pid_b * s_sb + (tl.minimum((pid_c + 1) * chunk_size, seqlen) - 1) * s_sl)
+        keep_k = keep_k & (seq_k == seq_end)
     h = pid_g * heads_per_group
     while h < (pid_g + 1) * heads_per_group:
         chunk_base = (pid_b * nheads + h) * nchunks * chunk_size + pid_c * chunk_size
         acum_k = tl.load(acum_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         dt_k = tl.load(dt_ptr + chunk_base + offs_k, mask=mask_k, other=0.0)
         acum_end = tl.load(acum_ptr + chunk_base + chunk_size - 1)
-        scale = tl.exp(tl.where(mask_k, acum_end - acum_k, float("-inf"))) * dt_k        # (BK,)
+        scale = tl.exp(tl.where(keep_k, acum_end - acum_k, float("-inf"))) * dt_k        # (BK,)
         dS_base = dstates_ptr + ((pid_b * nchunks + pid_c) * nheads + h) * headdim * dstate
         p = 0
         while p < headdim:
@@ -515,9 +551,10 @@ def _num_warps(block_n: int) -> int:
 
 
 def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, dt_min, dt_max, chunk_size, dy,
-            dfinal):
+            dfinal, seq_idx=None):
     """Every gradient of the Triton forward. All inputs contiguous; dy (b, l, h, p) in x's dtype, dfinal
-    (b, h, p, n) or None; y_pre the ungated y the forward saved when z is given.
+    (b, h, p, n) or None; y_pre the ungated y the forward saved when z is given; seq_idx (b, l) int32 document
+    indices 0, 1, 2, ... or None.
 
     Returns the gradients of (x, dt, A, B, C) and, where given, of D, z, dt_bias, initial_states, in that order,
     each in its input's dtype."""
@@ -534,7 +571,10 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     n_mblocks, n_kblocks, n_pblocks = triton.cdiv(Q, BM), triton.cdiv(Q, BK), triton.cdiv(headdim, BP)
 
     # the forward's dt, acum and states H_c (entering each chunk), and the final state
-    dt_p, acum, states, final = _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q)
+    dt_p, acum, states, final = _ssd_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, Q,
+                                            seq_idx)
+    seq_ptr, s_sb, s_sl = _seq_args(seq_idx, x)
+    packed = dict(HAS_SEQ_IDX=seq_idx is not None)
 
     # 1. the gate
     dz = None
@@ -547,8 +587,8 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     # 2-3. the states' gradients: dH_c, then dS_c in place, the initial state's, acum_end's partial sums
     dstates = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
     _dstates_kernel[(n_pblocks, nchunks, batch * nheads)](
-        dY, C, acum, dstates, seqlen, nheads, headdim, dstate, Q, nchunks, r, *dY.stride(), *C.stride(),
-        BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, num_warps=_num_warps(BN), **dots)
+        dY, C, acum, dstates, seq_ptr, seqlen, nheads, headdim, dstate, Q, nchunks, r, *dY.stride(), *C.stride(),
+        s_sb, s_sl, **packed, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, num_warps=_num_warps(BN), **dots)
     state_size = headdim * dstate
     block = _state_block(state_size)
     n_endslots = triton.cdiv(state_size, block)
@@ -556,8 +596,8 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     dinit = torch.empty_like(initial_states) if initial_states is not None else None
     _state_passing_bwd_kernel[(n_endslots, batch * nheads)](
         dstates, states, acum, dfinal if dfinal is not None else dend, dinit if dinit is not None else dend,
-        dend, nheads, Q, nchunks, state_size,
-        HAS_DFINAL=dfinal is not None, HAS_INIT=initial_states is not None, BLOCK=block)
+        dend, seq_ptr, seqlen, nheads, Q, nchunks, state_size, s_sb, s_sl,
+        HAS_DFINAL=dfinal is not None, HAS_INIT=initial_states is not None, **packed, BLOCK=block)
 
     # 4. dx, ddt's direct part, dD
     dx = torch.empty_like(x)
@@ -565,9 +605,10 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     dD_part = torch.empty(batch * nchunks * n_mblocks, nheads, headdim, **f32) if D is not None else None
     _dx_kernel[(n_mblocks * n_pblocks, nchunks, batch * nheads)](
         x, B, C, dY, dt_p, acum, dstates, D if D is not None else A, dx, ddt_part,
-        dD_part if D is not None else ddt_part,
+        dD_part if D is not None else ddt_part, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, *x.stride(), *B.stride(), *C.stride(), *dY.stride(),
-        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, num_warps=_num_warps(BN), **dots, **cfg)
+        s_sb, s_sl, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **packed,
+        num_warps=_num_warps(BN), **dots, **cfg)
 
     # 5-7. dCB per group, then dC and dB; acum's pieces: M's row sums per block of s, the state -> output term's,
     # minus M's column sums per block of t (zeros where no block writes)
@@ -575,17 +616,19 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, initial_states, y_pre, dt_softplus, d
     n_rowslots = n_kblocks + 1 + n_mblocks
     dacum_rows = torch.zeros(batch, nheads, nchunks, n_rowslots, Q, **f32)
     _dcb_kernel[(n_mblocks * n_kblocks, nchunks, batch * ngroups)](
-        x, B, C, dY, dt_p, acum, dcb, dacum_rows,
+        x, B, C, dY, dt_p, acum, dcb, dacum_rows, seq_ptr,
         seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), num_warps=_num_warps(BN), **dots, **cfg)
+        *x.stride(), *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots,
+        **cfg)
     dC = torch.empty_like(C)
     _dc_kernel[(n_mblocks, nchunks, batch * ngroups)](
-        B, C, dY, acum, states, dcb, dacum_rows, dC, seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
-        *B.stride(), *C.stride(), *dY.stride(), num_warps=_num_warps(BN), **dots, **cfg)
+        B, C, dY, acum, states, dcb, dacum_rows, dC, seq_ptr, seqlen, nheads, headdim, dstate, Q, nchunks, r,
+        ngroups, *B.stride(), *C.stride(), *dY.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots,
+        **cfg)
     dB = torch.empty_like(B)
     _db_kernel[(n_kblocks, nchunks, batch * ngroups)](
-        x, C, dt_p, acum, dstates, dcb, dB, seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
-        *x.stride(), *C.stride(), *B.stride(), num_warps=_num_warps(BN), **dots, **cfg)
+        x, C, dt_p, acum, dstates, dcb, dB, seq_ptr, seqlen, nheads, headdim, dstate, Q, nchunks, r, ngroups,
+        *x.stride(), *C.stride(), *B.stride(), s_sb, s_sl, **packed, num_warps=_num_warps(BN), **dots, **cfg)
 
     # 8. dt, A, dt_bias
     ddt = torch.empty_like(dt)

@@ -216,7 +216,10 @@ def test_kernels_compile_for_hopper(chunk, headdim, dstate, io_type, flags):
     def compile_kernel(fn, constexprs, num_warps=4):
         io = ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "y_pre_ptr", "dy_ptr", "dY_ptr", "dx_ptr",
               "ddt_ptr", "dB_ptr", "dC_ptr", "dz_ptr")
+        if "HAS_SEQ_IDX" in fn.arg_names:          # packed rows (seq_idx) with the optional inputs
+            constexprs = dict(constexprs, HAS_SEQ_IDX=flags)
         signature = {name: "constexpr" if name in constexprs
+                     else "*i32" if name == "seq_ptr"
                      else (f"*{io_type}" if name in io else "*fp32") if name.endswith("_ptr")
                      else "fp32" if name in ("dt_min", "dt_max") else "i32" for name in fn.arg_names}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
