@@ -1,0 +1,145 @@
+"""Packed rows through the causal conv: a row holding several documents (seq_idx) gives what its documents give when
+each is convolved on its own: y, the conv_state a cache continues from (the last document's), and the gradients
+of x, weight and bias.
+
+The documents are convolved one by one with F.conv1d (the reference without seq_idx); the packed row runs through
+the reference with seq_idx and through the Triton forward and both Triton backwards (rows: channels-contiguous x;
+tiles: any layout), at their default tiles and at small ones, so that documents start on tile and segment edges,
+inside the conv window (documents shorter than k), at position 0 and at the last token. Triton runs in
+test_interpreter_suite's subprocess (TRITON_INTERPRET=1), tiny shapes.
+"""
+import os
+
+import pytest
+import torch
+
+from helpers import run_interpreter_suite
+
+from kernels import causal_conv1d
+from kernels.causal_conv import causal_conv1d_ref
+from kernels.documents import seq_idx_from_lengths
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+
+# Two rows of 24 tokens, k = 4. Row 0: starts at 8 and 16 (tile edges at 4 and 8 rows), 10 and 11 (documents of
+# 2 and 1 tokens, inside the window), 23 (a one-token document at the last token). Row 1: a one-token document at
+# position 0, then starts at 1, 4, 8 (tile edges) and 20.
+LENGTHS = [[8, 2, 1, 5, 7, 1], [1, 3, 4, 12, 4]]
+K = 4
+
+
+def make_inputs(lengths, dim=5, k=K, layout="model", seed=0):
+    seqlen, batch = sum(lengths[0]), len(lengths)
+    g = torch.Generator().manual_seed(seed)
+    if layout == "model":         # a transposed view of (b, l, 2d) storage, channels contiguous (the mixer's x)
+        x = torch.randn(batch, seqlen, 2 * dim, generator=g).transpose(1, 2)[:, :dim]
+    else:
+        x = torch.randn(batch, dim, seqlen, generator=g)
+    weight = torch.randn(dim, k, generator=g) / k ** 0.5
+    bias = torch.randn(dim, generator=g)
+    dy = torch.randn(batch, dim, seqlen, generator=g)
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), dy
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def documents_one_by_one(x, weight, bias, dy, lengths):
+    """y, conv_state (the last document's) and the gradients of sum(y * dy) with every document convolved alone."""
+    x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+    y = torch.zeros(x.shape)
+    state = torch.zeros(x.shape[0], x.shape[1], weight.shape[1])
+    loss = 0.0
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            sl = slice(start, start + n)
+            y_doc = causal_conv1d_ref(x[b:b + 1, :, sl], weight, bias, conv_state=state[b:b + 1])
+            y[b:b + 1, :, sl] = y_doc.detach()
+            loss = loss + (y_doc * dy[b:b + 1, :, sl]).sum()
+            start += n
+    return (y, state, *torch.autograd.grad(loss, (x, weight, bias)))
+
+
+def check_close(got, want, tol=2e-5):
+    for name, a, b in zip(("y", "conv_state", "dx", "dweight", "dbias"), got, want):
+        if a is None:
+            continue
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < tol, f"{name}: {rel_err(a, b):.2e}"
+
+
+def packed(backend, x, weight, bias, dy, lengths):
+    seq_idx = seq_idx_from_lengths(lengths)
+    state = torch.zeros(x.shape[0], x.shape[1], weight.shape[1])
+    y = causal_conv1d(x, weight, bias, conv_state=state, seq_idx=seq_idx, backend=backend)
+    return (y, state, *torch.autograd.grad((y * dy).sum(), (x, weight, bias)))
+
+
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_reference_packed_equals_documents(layout):
+    x, weight, bias, dy = make_inputs(LENGTHS, layout=layout)
+    check_close(packed("torch", x, weight, bias, dy, LENGTHS), documents_one_by_one(x, weight, bias, dy, LENGTHS))
+
+
+def test_reference_mask_and_documents_together():
+    """Left padding (mask) inside a packed row: pads feed zeros, documents still cut the window."""
+    x, weight, bias, _ = make_inputs(LENGTHS)
+    seq_idx = seq_idx_from_lengths(LENGTHS)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, 8:9] = False
+    y = causal_conv1d(x, weight, bias, mask=mask, seq_idx=seq_idx, backend="torch")
+    x_zeroed = x.detach().masked_fill(~mask[:, None, :], 0)
+    y_ref = causal_conv1d(x_zeroed, weight, bias, seq_idx=seq_idx, backend="torch")
+    assert torch.equal(y, y_ref)
+
+
+def test_seq_idx_none_is_bit_identical_reference():
+    x, weight, bias, _ = make_inputs(LENGTHS)
+    assert torch.equal(causal_conv1d(x, weight, bias, backend="torch"),
+                       causal_conv1d(x, weight, bias, seq_idx=None, backend="torch"))
+
+
+# ---------------------------------------------------------------- Triton, under the interpreter
+
+@interp
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_interp_triton_packed_equals_documents(layout):
+    """The training path: the Triton forward and the backward chosen for the layout (rows / tiles), default tiles."""
+    x, weight, bias, dy = make_inputs(LENGTHS, layout=layout, seed=1)
+    check_close(packed("triton", x, weight, bias, dy, LENGTHS), documents_one_by_one(x, weight, bias, dy, LENGTHS))
+
+
+@interp
+@pytest.mark.parametrize("kernel,config", [("rows", dict(block_l=4, segment=8)),
+                                           ("tiles", dict(BLOCK_L=8, TIME_BLOCKS=2))])
+def test_interp_triton_backward_small_tiles(kernel, config):
+    """Each backward with tiles of 4 or 8 rows: documents start on tile and segment edges and inside the window."""
+    from kernels.triton_conv import conv_bwd, split_weight_grads
+    layout = "model" if kernel == "rows" else "contiguous"
+    x, weight, bias, dy = make_inputs(LENGTHS, layout=layout, seed=2)
+    dx, dwb = conv_bwd(x.detach(), weight.detach(), bias.detach(), None, dy, True, kernel=kernel,
+                       seq_idx=seq_idx_from_lengths(LENGTHS), **config)
+    want = documents_one_by_one(x, weight, bias, dy, LENGTHS)
+    check_close((None, None, dx, *split_weight_grads(dwb, weight, bias)), want)
+
+
+@interp
+def test_interp_triton_seq_idx_none_is_bit_identical():
+    x, weight, bias, dy = make_inputs(LENGTHS, seed=3)
+    results = []
+    for kwargs in ({}, dict(seq_idx=None)):
+        y = causal_conv1d(x, weight, bias, backend="triton", **kwargs)
+        results.append((y, *torch.autograd.grad((y * dy).sum(), (x, weight, bias))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_interpreter_suite():
+    """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1."""
+    if INTERPRET:
+        pytest.skip("this is the launcher of the interpreter run")
+    run_interpreter_suite(__file__)
