@@ -42,6 +42,12 @@ Two kernels, one per layout (conv_bwd picks):
   backward until the rows one: 0.42 ms at (8, 2048, 1536, 4) bf16 on the H200 against the forward's 0.04 ms
   (k sigmoids and k^2 + 2k loads per element). bench/bench_conv.py times both.
 
+Packed rows (seq_idx (b, l) int32, kernels/documents.py; HAS_SEQ_IDX, a constexpr, so that without it the kernels
+compile exactly as before): output t's window takes x[t'] only where seq_idx[t'] == seq_idx[t], so in the backward
+g[t + i] reaches dx[t] only within t's document, and dw's products are masked as the forward's. The forward and the
+tiles backward compare the documents of the rows they load; the rows backward reads, per tile, how many of each
+row's k-1 neighbours on either side share its document, and keeps a shifted row where that count reaches the shift.
+
 Both launchers are wrapped as torch custom ops (mamba_trainer::causal_conv1d_fwd and ::causal_conv1d_bwd, the
 latter the former's registered autograd), with fake implementations that allocate exactly what the kernels return,
 so that torch.compile traces a call as one node without a graph break.
@@ -287,6 +293,20 @@ def _load_rows(base, m_base, offs_t, mask_d, seqlen, s_l, s_ml, HAS_MASK: tl.con
 
 
 @triton.jit
+def _rows_in_document(s_base, offs_t, seqlen, s_sl, K: tl.constexpr):
+    """(behind, ahead), (BL,) int32 each: how many of the K-1 rows before, and after, each row offs_t belong to its
+    document. With non-decreasing seq_idx a document is one run of rows, so the row s steps back (ahead) is in it
+    exactly when s <= behind (ahead): one compare per shift instead of a row of seq_idx kept per shift."""
+    doc = _doc_of(s_base, offs_t, seqlen, s_sl)
+    behind = tl.zeros_like(offs_t)
+    ahead = tl.zeros_like(offs_t)
+    for s in tl.static_range(1, K):
+        behind += (_doc_of(s_base, offs_t - s, seqlen, s_sl) == doc).to(tl.int32)
+        ahead += (_doc_of(s_base, offs_t + s, seqlen, s_sl) == doc).to(tl.int32)
+    return behind, ahead
+
+
+@triton.jit
 def _conv_bwd_rows_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
     dim, seqlen, seg_len,
@@ -300,8 +320,9 @@ def _conv_bwd_rows_kernel(
     a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
     from the tile and its neighbour (x: the tile before, carried; g: the tile after, so dx is written one tile
     behind) by register moves, never by loads or recomputation. With HAS_SEQ_IDX, each shifted row is zeroed
-    where it belongs to another document than the row it meets (a row's document is one (BL,) load from seq_idx,
-    per shift: the tile's data stays in registers)."""
+    where it belongs to another document than the row it meets: each tile reads how many of its rows' K-1
+    neighbours on either side share their document (_rows_in_document), and a shift by s keeps the rows where
+    that count is >= s. The tile's data itself still moves only in registers."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -331,6 +352,7 @@ def _conv_bwd_rows_kernel(
     x_prev = x_prev.to(tl.float32)
     g_prev = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     keep_prev = _keep_rows(m_base, seg_start - BLOCK_L + offs_r, seqlen, s_ml, HAS_MASK)
+    ahead_prev = offs_r        # (read only with HAS_SEQ_IDX; the tile before the segment writes no dx)
     dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # PREFETCH: each iteration loads the next tile before it works on the one loaded by the iteration before (its
@@ -354,15 +376,16 @@ def _conv_bwd_rows_kernel(
         else:
             x = _load_rows(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK).to(tl.float32)
             g = _load_rows(dy_base, m_base, offs_t, mask_d, seqlen, s_dyl, s_ml, False).to(tl.float32)
-        doc = offs_t
+        behind = offs_r
+        ahead = offs_r
         if HAS_SEQ_IDX:
-            doc = _doc_of(s_base, offs_t, seqlen, s_sl)                          # (BL,) each row's document
+            behind, ahead = _rows_in_document(s_base, offs_t, seqlen, s_sl, K)   # (BL,) each
         if SILU:
             pre = bias[None, :] + _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * x
             for j in tl.static_range(K - 1):
                 xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
                 if HAS_SEQ_IDX:
-                    xs = tl.where((_doc_of(s_base, offs_t + j - (K - 1), seqlen, s_sl) == doc)[:, None], xs, 0.0)
+                    xs = tl.where((behind >= K - 1 - j)[:, None], xs, 0.0)
                 pre += _weight_tap(w_all, offs_k, neg_zero, j, COMPILED) * xs
             sig = _sigmoid(pre, COMPILED)
             g = g * sig * (1.0 + pre * (1.0 - sig))
@@ -374,9 +397,7 @@ def _conv_bwd_rows_kernel(
             for j in tl.static_range(K):
                 xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
                 if HAS_SEQ_IDX:
-                    if j < K - 1:
-                        xs = tl.where((_doc_of(s_base, offs_t + j - (K - 1), seqlen, s_sl) == doc)[:, None], xs,
-                                      0.0)
+                    xs = tl.where((behind >= K - 1 - j)[:, None], xs, 0.0)
                 if COMPILED:
                     for r in tl.static_range(BLOCK_L):
                         g_r = tl.sum(tl.where(offs_r[:, None] == r, g, neg_zero), axis=0)
@@ -386,14 +407,11 @@ def _conv_bwd_rows_kernel(
                     dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
         # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s] (with HAS_SEQ_IDX: the rows t + s of t's document)
         offs_p = offs_t - BLOCK_L
-        doc_p = offs_p
-        if HAS_SEQ_IDX:
-            doc_p = _doc_of(s_base, offs_p, seqlen, s_sl)
         dx = _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * g_prev
         for s in tl.static_range(1, K):
             gs = _shift_rows(g_prev, g, offs_r, neg_zero, s, BLOCK_L, COMPILED)
             if HAS_SEQ_IDX:
-                gs = tl.where((_doc_of(s_base, offs_p + s, seqlen, s_sl) == doc_p)[:, None], gs, 0.0)
+                gs = tl.where((ahead_prev >= s)[:, None], gs, 0.0)
             dx += _weight_tap(w_all, offs_k, neg_zero, K - 1 - s, COMPILED) * gs
         dx = tl.where(keep_prev[:, None], dx, 0.0)                      # masked inputs were zeros: no gradient
         tl.store(dx_base + offs_p[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
@@ -401,6 +419,7 @@ def _conv_bwd_rows_kernel(
         x_prev = x
         g_prev = g
         keep_prev = _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
+        ahead_prev = ahead
         t0 += BLOCK_L
 
     # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer

@@ -48,6 +48,16 @@ dB and dC are summed over the program's channels in registers and written as one
 are summed over the program's steps and added across programs with fp32 atomics. No per-channel copy of B or C and no
 L*n tensor is ever written.
 
+Packed rows (seq_idx (b, l) int32, kernels/documents.py; HAS_SEQ_IDX, a constexpr, so that without it the kernels
+compile exactly as before). At a document's first step the decay is zeroed, dA_t := 0, so h_t = delta_t B_t u_t:
+the forward's in-chunk scan and every recomputation of it in the backward see the same zero. In the adjoint the
+coefficient of step t is dA_{t+1}, zeroed where t + 1 starts a document, and the carry into the chunk before is
+zeroed where the chunk's first step starts one; g * (h_t - x_t) is then 0 at a document's first step by itself.
+Pass 1 counts a step's term only while the step is in the document open before its part (seq_idx[t] ==
+seq_idx[s - 1], monotone indices), and the second pass passes a later part's incoming carry through only when no
+document starts inside that part. Each chunk reads seq_idx at t and t - 1 (t + 1 too in the backward): the loads
+of a (BL,) int32 row.
+
 Timed on the H200 (2026-12-02, bench/scan_sweep.py, notes/scan_sweep_2026-12-02_flip.txt): forward+backward at
 (8, 2048, 1536, 16) bf16 in the model's token-major layout 2.70 ms (c35aaa8: 3.58; mamba_ssm 2.42 in its contiguous
 layout), 2.27 ms on contiguous operands. What moved it: the adjoint's reverse scan is written as flip, forward scan,

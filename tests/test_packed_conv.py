@@ -29,16 +29,16 @@ LENGTHS = [[8, 2, 1, 5, 7, 1], [1, 3, 4, 12, 4]]
 K = 4
 
 
-def make_inputs(lengths, dim=5, k=K, layout="model", seed=0):
+def make_inputs(lengths, dim=5, k=K, layout="model", seed=0, device="cpu"):
     seqlen, batch = sum(lengths[0]), len(lengths)
     g = torch.Generator().manual_seed(seed)
     if layout == "model":         # a transposed view of (b, l, 2d) storage, channels contiguous (the mixer's x)
-        x = torch.randn(batch, seqlen, 2 * dim, generator=g).transpose(1, 2)[:, :dim]
+        x = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device).transpose(1, 2)[:, :dim]
     else:
-        x = torch.randn(batch, dim, seqlen, generator=g)
-    weight = torch.randn(dim, k, generator=g) / k ** 0.5
-    bias = torch.randn(dim, generator=g)
-    dy = torch.randn(batch, dim, seqlen, generator=g)
+        x = torch.randn(batch, dim, seqlen, generator=g).to(device)
+    weight = (torch.randn(dim, k, generator=g) / k ** 0.5).to(device)
+    bias = torch.randn(dim, generator=g).to(device)
+    dy = torch.randn(batch, dim, seqlen, generator=g).to(device)
     return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), dy
 
 
@@ -143,3 +143,58 @@ def test_interpreter_suite():
     if INTERPRET:
         pytest.skip("this is the launcher of the interpreter run")
     run_interpreter_suite(__file__)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
+def test_kernels_with_seq_idx_compile_for_hopper():
+    """The forward and the rows backward with HAS_SEQ_IDX, built for sm_90 (no GPU needed) as the model calls them
+    (bf16, channels-contiguous x, k 4): the interpreter never runs the compiled branches (COMPILED=True row shifts).
+    The rows backward must not spill; its registers (233 at 8 x 2048 x 1536, against 157 without seq_idx) cost
+    occupancy, not correctness. (The tiles backward has no compiled-only branch.)"""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.triton_conv as tc
+
+    x = torch.empty(8, 2048, 2 * 1536, dtype=torch.bfloat16)[..., :1536].transpose(1, 2)
+    rows_cfg = tc.bwd_rows_config(x, 4)
+    rows_cfg.pop("SEG_LEN")
+    for fn, cfg in ((tc._conv_fwd_kernel, tc.fwd_config(x)), (tc._conv_bwd_rows_kernel, dict(rows_cfg, COMPILED=True))):
+        num_warps = cfg.pop("num_warps")
+        constexprs = dict(K=4, HAS_BIAS=True, HAS_MASK=False, SILU=True, HAS_SEQ_IDX=True, **cfg)
+        constexprs.update({name: 1 for name in ("s_xd", "s_yd", "s_dyd", "s_dxd", "s_sl") if name in fn.arg_names})
+        signature = {name: "constexpr" if name in constexprs else
+                     ("*bf16" if name in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr") else "*u8" if name == "m_ptr"
+                      else "*i32" if name == "seq_ptr" else "*fp32") if name.endswith("_ptr") else "i32"
+                     for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert len(kernel.asm["cubin"]) > 0
+        if fn is tc._conv_bwd_rows_kernel:
+            ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+            with tempfile.TemporaryDirectory() as tmp:
+                ptx = Path(tmp) / "rows.ptx"
+                ptx.write_text(kernel.asm["ptx"])
+                report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "o")],
+                                        capture_output=True, text=True, check=True).stderr
+            assert int(re.search(r"(\d+) bytes spill stores", report).group(1)) == 0, report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_gpu_triton_packed_equals_documents(layout):
+    """On CUDA at the default tiles: documents of 1 to 300 tokens, several backward segments."""
+    lengths = [[256, 1, 2, 61, 128, 8, 1, 300, 267], [3, 997, 24]]
+    x, weight, bias, dy = make_inputs(lengths, dim=40, layout=layout, seed=4, device="cuda")
+    seq_idx = seq_idx_from_lengths(lengths, "cuda")
+    state = torch.zeros(2, 40, K, device="cuda")
+    y = causal_conv1d(x, weight, bias, conv_state=state, seq_idx=seq_idx, backend="triton")
+    got = (y, state, *torch.autograd.grad((y * dy).sum(), (x, weight, bias)))
+    want = documents_one_by_one(*(t.detach().cpu() for t in (x, weight, bias, dy)), lengths)   # (F.conv1d on CPU)
+    check_close([t.cpu() for t in got], want, tol=1e-4)

@@ -27,7 +27,7 @@ LENGTHS = [[8, 3, 1, 4, 7, 1], [1, 3, 13, 5, 2]]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def make_inputs(lengths, dim, dstate, dtype=torch.float32, seed=0):
+def make_inputs(lengths, dim, dstate, dtype=torch.float32, seed=0, device="cpu"):
     seqlen = sum(lengths[0])
     batch = len(lengths)
     g = torch.Generator().manual_seed(seed)
@@ -39,7 +39,7 @@ def make_inputs(lengths, dim, dstate, dtype=torch.float32, seed=0):
     D = torch.randn(dim, generator=g)
     z = torch.randn(batch, dim, seqlen, generator=g).to(dtype)
     bias = torch.randn(dim, generator=g) * 0.5 - 1.0
-    return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+    return [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
 
 
 def rel_err(out, ref):
@@ -47,19 +47,19 @@ def rel_err(out, ref):
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def loss_weights(shape_y, shape_last, seed):
+def loss_weights(shape_y, shape_last, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape_y, generator=g), torch.randn(shape_last, generator=g)
+    return torch.randn(shape_y, generator=g).to(device), torch.randn(shape_last, generator=g).to(device)
 
 
-def packed_vs_documents(backend, lengths=LENGTHS, dim=3, dstate=4, seed=0, **kwargs):
+def packed_vs_documents(backend, lengths=LENGTHS, dim=3, dstate=4, seed=0, device="cpu", **kwargs):
     """Packed row through `backend` against each document through the reference alone; asserts y, the last state
     and every gradient agree (fp32)."""
-    inputs = make_inputs(lengths, dim, dstate, seed=seed)
+    inputs = make_inputs(lengths, dim, dstate, seed=seed, device=device)
     u, delta, A, B, C, D, z, bias = inputs
-    seq_idx = seq_idx_from_lengths(lengths)
+    seq_idx = seq_idx_from_lengths(lengths, device)
     batch, _, seqlen = u.shape
-    w_y, w_last = loss_weights((batch, dim, seqlen), (batch, dim, dstate), seed + 1)
+    w_y, w_last = loss_weights((batch, dim, seqlen), (batch, dim, dstate), seed + 1, device)
     args = dict(delta_softplus=True, return_last_state=True)
 
     if backend == "chunked":
@@ -92,7 +92,7 @@ def packed_vs_documents(backend, lengths=LENGTHS, dim=3, dstate=4, seed=0, **kwa
     assert rel_err(last, lasts) < 2e-5, f"last state: {rel_err(last, lasts):.2e}"
     for name, grad, grad_ref in zip(NAMES, grads, grads_ref):
         assert grad.shape == grad_ref.shape, name
-        assert rel_err(grad, grad_ref) < 5e-5, f"d{name}: {rel_err(grad, grad_ref):.2e}"
+        assert rel_err(grad, grad_ref) < 1e-4, f"d{name}: {rel_err(grad, grad_ref):.2e}"
 
 
 def test_reference_packed_equals_documents():
@@ -164,3 +164,41 @@ def test_interpreter_suite():
     if INTERPRET:
         pytest.skip("this is the launcher of the interpreter run")
     run_interpreter_suite(__file__)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels, not the interpreter's")
+def test_kernels_with_seq_idx_compile_for_hopper():
+    """The interpreter runs the kernels' Python, not Triton's compiler: build the HAS_SEQ_IDX kernels for sm_90 (no
+    GPU needed), at the model's shape, so that a kernel the compiler rejects fails here, not on the first GPU run."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.triton_scan as ts
+
+    def compile_kernel(fn, constexprs, num_warps):
+        io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+        signature = {name: "constexpr" if name in constexprs else
+                     ("*bf16" if name in io else "*i32" if name == "seq_ptr" else "*fp32") if name.endswith("_ptr")
+                     else "i32" for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert len(kernel.asm["cubin"]) > 0
+
+    flags = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ_IDX=True)
+    for fn, per_thread, warps, extra in (
+            (ts._scan_fwd_kernel, ts.FWD_PER_THREAD, ts.FWD_WARPS, dict(HAS_D=True, SAVE_SEGS=True,
+                                                                        SEG_CHUNKS=ts.SEG_CHUNKS)),
+            (ts._scan_bwd_kernel, ts.BWD_PER_THREAD, ts.BWD_WARPS, dict(HAS_D=True, HAS_DLAST=True,
+                                                                        SEG_CHUNKS=ts.SEG_CHUNKS)),
+            (ts._scan_bwd_carry_kernel, ts.BWD_PER_THREAD, ts.BWD_WARPS, {})):
+        cfg = ts._config(1536, 16, 2048, per_thread, warps)
+        num_warps = cfg.pop("num_warps")
+        compile_kernel(fn, dict(**flags, **extra, **cfg), num_warps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [LENGTHS, [[256, 1, 63, 128, 8, 1, 300, 267], [1000, 24]]])
+def test_gpu_triton_packed_equals_documents(lengths):
+    """On CUDA: the default blocking, and long documents across several segments and parts."""
+    packed_vs_documents("triton", lengths=lengths, dim=40, dstate=16, device="cuda")
