@@ -14,10 +14,11 @@ sm_90 SASS, which is unchanged for HAS_SEQ_IDX=False). Every operand is in the m
 (transposed views of (b, l, ·) storage), as the mixer calls the kernels. Times are triton.testing.do_bench medians
 on CUDA (the two rows of a case taking turns, median over --repeat rounds), time.perf_counter medians on the CPU.
 
-Adding a kernel: write a `case_<name>(shape, dtype, device, seq_idx)` returning {"fwd": fn, "fwd+bwd": fn} of
-zero-argument callables, and add it to CASES (the Mamba-2 SSD scan goes here the same way). `shape` is the four
-numbers of --shape: batch, length, channels, and the kernel's own fourth (d_state for the scans, ignored by the conv,
-which takes --d_conv).
+Adding a kernel: write a `case_<name>(shape, dtype, device, seq_idx, **options)` returning {"fwd": fn,
+"fwd+bwd": fn} of zero-argument callables that run it with that seq_idx (None or packed), and add it to CASES (the
+Mamba-2 SSD scan goes here the same way). `shape` is the four numbers of --shape: batch, length, channels, and the
+kernel's own fourth (d_state for the scans, ignored by the conv); `options` are the other command-line settings
+(today d_conv): take the ones the case needs, and **_ for the rest.
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOKE_SHAPE = (2, 64, 32, 4)
 
 
-def token_major(batch, seqlen, channels, dtype, device, g, extra=0):
+def token_major(batch, seqlen, channels, dtype, device, g, extra=0, scale=1.0):
     """A (batch, channels, seqlen) transposed view of (batch, seqlen, channels + extra) storage, as the model's
-    projections produce (extra: the other columns of the row that the view skips)."""
-    storage = torch.randn(batch, seqlen, channels + extra, device=device, generator=g).to(dtype)
+    projections produce (extra: the other columns of the row that the view skips), normal with std `scale`."""
+    storage = (scale * torch.randn(batch, seqlen, channels + extra, device=device, generator=g)).to(dtype)
     return storage[..., :channels].transpose(1, 2)
 
 
@@ -56,12 +57,12 @@ def random_seq_idx(batch, seqlen, docs, device, seed=0):
     return torch.stack(rows).to(device)
 
 
-def case_scan(shape, dtype, device, seq_idx, d_conv=None):
+def case_scan(shape, dtype, device, seq_idx, **_):
     """The Mamba-1 selective scan as the mixer calls it: softplus(delta + bias), D, the z gate, A fp32."""
     batch, seqlen, dim, dstate = shape
     g = torch.Generator(device=device).manual_seed(0)
     u = token_major(batch, seqlen, dim, dtype, device, g).requires_grad_()
-    delta = (0.5 * token_major(batch, seqlen, dim, dtype, device, g)).detach().requires_grad_()
+    delta = token_major(batch, seqlen, dim, dtype, device, g, scale=0.5).requires_grad_()
     B = token_major(batch, seqlen, dstate, dtype, device, g, extra=dstate).requires_grad_()
     C = token_major(batch, seqlen, dstate, dtype, device, g, extra=dstate).requires_grad_()
     z = token_major(batch, seqlen, dim, dtype, device, g, extra=dim).requires_grad_()
@@ -81,7 +82,7 @@ def case_scan(shape, dtype, device, seq_idx, d_conv=None):
     return {"fwd": fwd, "fwd+bwd": lambda: torch.autograd.grad(forward(), leaves, dy)}
 
 
-def case_conv(shape, dtype, device, seq_idx, d_conv=4):
+def case_conv(shape, dtype, device, seq_idx, d_conv=4, **_):
     """The Mamba-1 causal conv (+ SiLU) on the mixer's x: a (b, d, l) view of the (b, l, 2d) in_proj output."""
     batch, seqlen, dim, _ = shape
     g = torch.Generator(device=device).manual_seed(0)

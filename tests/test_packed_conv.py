@@ -138,6 +138,16 @@ def test_interp_triton_seq_idx_none_is_bit_identical():
         assert torch.equal(a, b)
 
 
+@interp
+def test_interp_custom_ops_with_seq_idx_opcheck():
+    """The custom ops' schema, fake functions and autograd registration hold with seq_idx given."""
+    from kernels.triton_conv import causal_conv1d_bwd_op, causal_conv1d_fwd_op
+    x, weight, bias, dy = make_inputs([[3, 1, 4]], seed=5)
+    seq_idx = seq_idx_from_lengths([[3, 1, 4]])
+    torch.library.opcheck(causal_conv1d_fwd_op, (x, weight, bias, None, True, seq_idx))
+    torch.library.opcheck(causal_conv1d_bwd_op, (x.detach(), weight.detach(), bias.detach(), None, dy, True, seq_idx))
+
+
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1."""
     if INTERPRET:

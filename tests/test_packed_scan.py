@@ -159,6 +159,23 @@ def test_interp_triton_seq_idx_none_is_bit_identical_and_one_document_matches():
     assert rel_err(y_one, y) < 1e-6 and rel_err(last_one, last) < 1e-6
 
 
+@interp
+def test_interp_custom_ops_with_seq_idx_opcheck():
+    """The custom ops' fake (meta) functions agree with the kernels with seq_idx given. (Only that check: opcheck's
+    full set runs the interpreted scan for minutes; the schema and autograd registration are exercised above.)"""
+    from kernels.triton_scan import selective_scan_bwd_op, selective_scan_fwd_op
+    only_fake = dict(test_utils=("test_faketensor",))
+    lengths = [[3, 1, 5]]
+    u, delta, A, B, C, D, z, bias = make_inputs(lengths, 3, 4)
+    seq_idx = seq_idx_from_lengths(lengths)
+    torch.library.opcheck(selective_scan_fwd_op, (u, delta, A, B, C, D, z, bias, True, True, seq_idx), **only_fake)
+    with torch.no_grad():
+        _, _, segs = selective_scan_fwd_op(u, delta, A, B, C, D, z, bias, True, True, seq_idx)
+    detached = [t.detach() for t in (u, delta, A, B, C, D, z, bias)]
+    torch.library.opcheck(selective_scan_bwd_op, (*detached, True, segs, torch.randn(u.shape), torch.randn(1, 3, 4),
+                                                  seq_idx), **only_fake)
+
+
 def test_interpreter_suite():
     """Run this module's `interp` tests in a fresh interpreter with TRITON_INTERPRET=1."""
     if INTERPRET:
