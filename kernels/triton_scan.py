@@ -133,7 +133,7 @@ def _scan_fwd_kernel(
     s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_SEGS: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
@@ -231,7 +231,7 @@ def _scan_bwd_carry_kernel(
     dim, seqlen, dstate, n_chunks, part_chunks, n_parts,
     s_db, s_dd, s_dl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl, s_dyb, s_dyd, s_dyl, s_sb, s_sl,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     """Backward, pass 1: what each part of the sequence hands to the part before it, as an affine map of what it
     receives. Walking a part [s, e) backwards, the carry r (the gradient reaching h_{t-1} through step t) obeys
@@ -330,7 +330,7 @@ def _scan_bwd_kernel(
     s_dyb, s_dyd, s_dyl, s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
