@@ -274,6 +274,8 @@ def _scan_bwd_carry_kernel(
     C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
     if HAS_Z:
         z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
+    if HAS_SEQ_IDX:
+        seq_next = tl.load(seq_base + t * s_sl, mask=t < seqlen, other=0)
     dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     loc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     while c < c_end:
@@ -293,6 +295,9 @@ def _scan_bwd_carry_kernel(
         C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
         if HAS_Z:
             z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
+        if HAS_SEQ_IDX:
+            same_doc = seq_next == seq_open                                       # (BL,)
+            seq_next = tl.load(seq_base + t_next * s_sl, mask=more, other=0)
         if HAS_BIAS:
             delta += bias[None, :]
         if SOFTPLUS:
@@ -304,7 +309,6 @@ def _scan_bwd_carry_kernel(
         cum = dsum[None, :] + tl.cumsum(delta, 0)                                 # (BL, BD) delta from s to t
         decay = tl.exp2(cum[:, None, :] * A2[None, :, :])                         # (BL, BN, BD)
         if HAS_SEQ_IDX:
-            same_doc = tl.load(seq_base + t * s_sl, mask=t < seqlen, other=0) == seq_open      # (BL,)
             decay = tl.where(same_doc[:, None, None], decay, 0.0)
         loc += tl.sum(decay * C[:, :, None] * dy[:, None, :], axis=0)
         dsum += tl.sum(delta, axis=0)
