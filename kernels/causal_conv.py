@@ -4,6 +4,10 @@
 
 the Mamba mixer's conv: nn.Conv1d(d, d, k, groups=d, padding=k - 1) cut to the first l outputs, then SiLU.
 
+Packed rows (seq_idx (b, l), the document index of each token, kernels/documents.py): the window of output t takes
+only inputs of t's own document, x[.., t'] with seq_idx[t'] == seq_idx[t]; inputs of other documents count as the
+zero padding before a row's first token, so each document is convolved as if it stood alone.
+
 Backends, all with the signature of `causal_conv1d` below:
     "torch"   causal_conv1d_ref here: F.conv1d in fp32 (the spec, and the CPU path)
     "triton"  kernels/triton_conv.py: one fused Triton kernel forward, one backward (CUDA, or TRITON_INTERPRET=1),
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve, triton_importable
+from .documents import check_seq_idx
 
 CONV_BACKENDS = ("auto", "torch", "triton")
 ACTIVATIONS = (None, "silu")
@@ -57,23 +62,44 @@ def fill_conv_state(conv_state, x, mask=None):
     conv_state.copy_(F.pad(last, (k - last.shape[-1], 0)))
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation="silu", mask=None, conv_state=None):
-    """The spec: F.conv1d in fp32, depthwise, padded by k - 1 on the left. Signature of `causal_conv1d`."""
+def last_document(seq_idx, mask=None):
+    """(b, l) bool: the tokens of each row's last document (and not masked): what a cache continues from."""
+    last = seq_idx == seq_idx[:, -1:]
+    return last if mask is None else last & mask
+
+
+def _conv_within_documents(x, weight, bias, seq_idx):
+    """The depthwise causal conv, each output's window cut at its document's start: (b, d, l) fp32."""
+    k = weight.shape[1]
+    windows = F.pad(x.float(), (k - 1, 0)).unfold(-1, k, 1)                   # (b, d, l, k): x[t - (k-1) + j]
+    docs = F.pad(seq_idx, (k - 1, 0), value=-1).unfold(-1, k, 1)              # (b, l, k): their documents
+    same = (docs == seq_idx[:, :, None]).float()                               # (b, l, k)
+    y = torch.einsum("bdlk,blk,dk->bdl", windows, same, weight.float())
+    return y if bias is None else y + bias.float()[None, :, None]
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation="silu", mask=None, conv_state=None, seq_idx=None):
+    """The spec: F.conv1d in fp32, depthwise, padded by k - 1 on the left (with seq_idx: each window cut at its
+    document's start). Signature of `causal_conv1d`."""
     batch, dim, seqlen = x.shape
     k = weight.shape[1]
     out = empty_like_order(x)                                                  # y in x's dim order
     if mask is not None:
         x = x.masked_fill(~mask[:, None, :], 0)                                # pads feed zeros to the conv
     if conv_state is not None:
-        fill_conv_state(conv_state, x)
-    y = F.conv1d(x.float(), weight.float()[:, None, :], bias.float() if bias is not None else None,
-                 padding=k - 1, groups=dim)[..., :seqlen]                      # (b, d, l) fp32
+        fill_conv_state(conv_state, x, None if seq_idx is None else last_document(seq_idx))
+    if seq_idx is None:
+        y = F.conv1d(x.float(), weight.float()[:, None, :], bias.float() if bias is not None else None,
+                     padding=k - 1, groups=dim)[..., :seqlen]                  # (b, d, l) fp32
+    else:
+        y = _conv_within_documents(x, weight, bias, seq_idx)
     if activation == "silu":
         y = F.silu(y)
     return out.copy_(y)
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state=None, backend="auto"):
+def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state=None, seq_idx=None,
+                  backend="auto"):
     """Causal depthwise conv1d over time, with SiLU fused.
 
     Args:
@@ -83,19 +109,22 @@ def causal_conv1d(x, weight, bias=None, activation="silu", mask=None, conv_state
         activation: "silu" or None
         mask: (b, l) bool or None; False marks left padding, whose inputs count as zeros
         conv_state: (b, d, k) or None; if given, filled in place with the last k (masked) inputs, zero-padded on
-            the left when l < k (what decoding continues from)
+            the left when l < k (what decoding continues from); with seq_idx, the last document's only
+        seq_idx: (b, l) int32 or None; the document index of each token, non-decreasing along a row; a window
+            never reaches across a document's start (kernels/documents.py). None: one document per row
         backend: "auto", "torch" or "triton"
     Returns:
         y: (b, d, l) in x's dtype and x's dim order
     """
     _check(x, weight, bias, activation, mask, conv_state)
+    seq_idx = check_seq_idx(seq_idx, x.shape[0], x.shape[2])
     name = resolve_conv_backend(backend, x.device)
     if name == "torch":
-        return causal_conv1d_ref(x, weight, bias, activation, mask, conv_state)
+        return causal_conv1d_ref(x, weight, bias, activation, mask, conv_state, seq_idx=seq_idx)
     from .triton_conv import causal_conv1d_triton
-    if conv_state is not None:
-        fill_conv_state(conv_state, x, mask)                                   # prefill only: PyTorch is fine
-    return causal_conv1d_triton(x, weight, bias, activation, mask)
+    if conv_state is not None:                                                 # prefill only: PyTorch is fine
+        fill_conv_state(conv_state, x, mask if seq_idx is None else last_document(seq_idx, mask))
+    return causal_conv1d_triton(x, weight, bias, activation, mask, seq_idx=seq_idx)
 
 
 def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation="silu"):

@@ -15,6 +15,11 @@ Working memory is three (b, T, n, d) buffers whatever L is. The forward keeps on
 there, runs the adjoint recurrence dh_t = C_t dy_t + dA_{t+1} dh_{t+1} in reverse time, and forms every input's
 gradient from it. State and arithmetic are fp32 whatever the input dtype.
 
+Packed rows (seq_idx, kernels/documents.py): the decay of a document's first step is multiplied by zero,
+dA_t := 0, so h_t = delta_t B_t u_t as if h_{t-1} were 0. The backward recomputes the same zeroed decays, so the
+adjoint stops at the boundary too (its coefficient dA_{t+1} is zero there) and nothing flows through the decay
+there. Without seq_idx nothing of this runs.
+
 Layout: channels-last, (b, l, d) with d innermost, so every broadcast runs along long contiguous rows. The model's
 z and the gradients arriving from its (b, l, d) projections are transposed views of such storage, so converting
 them is free; y and the input gradients are returned as (b, d, l) views of (b, l, d) storage.
@@ -90,7 +95,7 @@ def _delta_bld(delta, delta_bias, delta_softplus):
     return delta
 
 
-def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
+def _scan_forward(u, delta, At, B, C, h, chunk, save_states, keep=None):
     """The recurrence over all chunks, in channels-last layout.
 
     Args:
@@ -98,6 +103,7 @@ def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
         At: (n, d) fp32, A transposed;  B, C: (b, l, n) fp32
         h: (b, n, d) fp32 state before the first step; updated in place to the last state
         chunk: steps per chunk;  save_states: keep the state at each chunk start (for the backward)
+        keep: (b, l) fp32, 0 at a document's first step and 1 elsewhere, or None (one document per row)
     Returns:
         ys: (b, l, d) fp32, <h_t, C_t> without the D skip or the z gate
         states: (num_chunks, b, n, d) fp32 chunk-start states, or None
@@ -118,6 +124,8 @@ def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
             states[c].copy_(h)
         torch.mul(delta[:, t0:t0 + T, None, :], At, out=dA[:, :T])           # (b, T, n, d)
         torch.exp(dA[:, :T], out=dA[:, :T])
+        if keep is not None:
+            dA[:, :T] *= keep[:, t0:t0 + T, None, None]                      # a document's first step: h_{t-1} := 0
         torch.mul(B[:, t0:t0 + T, :, None], du[:, t0:t0 + T, None, :], out=hs[:, :T])
         prev = h
         for t in range(T):                                                   # h_t = dA_t h_{t-1} + delta_t B_t u_t
@@ -125,6 +133,13 @@ def _scan_forward(u, delta, At, B, C, h, chunk, save_states):
         h.copy_(prev)
         ys[:, t0:t0 + T] = torch.matmul(C[:, t0:t0 + T, None, :], hs[:, :T]).squeeze(2)   # (b, T, 1, d) -> (b, T, d)
     return ys, states
+
+
+def _keep(seq_idx):
+    """(b, l) fp32: 0 where a new document starts (seq_idx differs from the step before), 1 elsewhere."""
+    keep = torch.ones(seq_idx.shape, dtype=torch.float32, device=seq_idx.device)
+    keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).float()
+    return keep
 
 
 def _epilogue(ys, u, D, z):
@@ -142,15 +157,16 @@ class _ChunkedScan(torch.autograd.Function):
     recomputes each chunk's states and decays from them."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, chunk):
         batch, d_inner, _ = u.shape
         u_, delta_ = _channels_last(u), _delta_bld(delta, delta_bias, delta_softplus)       # (b, l, d)
         B_, C_ = _channels_last(B), _channels_last(C)                                      # (b, l, n)
         h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
              else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
-        ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), B_, C_, h, chunk, save_states=True)
+        ys, states = _scan_forward(u_, delta_, A.float().t().contiguous(), B_, C_, h, chunk, save_states=True,
+                                   keep=keep)
         y = _epilogue(ys, u_, D, None if z is None else _gate_view(z)).to(u.dtype)    # (b, l, d)
-        ctx.save_for_backward(u_, delta_, A, B_, C_, D, z, states, ys)
+        ctx.save_for_backward(u_, delta_, A, B_, C_, D, z, states, ys, keep)
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, B, C, delta_bias)]
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
         ctx.has_bias, ctx.has_h0 = delta_bias is not None, initial_state is not None
@@ -158,7 +174,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        u_, delta_, A, B_, C_, D, z, states, ys = ctx.saved_tensors
+        u_, delta_, A, B_, C_, D, z, states, ys, keep = ctx.saved_tensors
         chunk = ctx.chunk
         batch, seqlen, d_inner = u_.shape
         d_state = A.shape[1]
@@ -200,6 +216,8 @@ class _ChunkedScan(torch.autograd.Function):
             h0 = states[c]                                                   # (b, n, d)
             torch.mul(delta_[:, sl, None, :], At, out=a)
             torch.exp(a, out=a)
+            if keep is not None:
+                a *= keep[:, sl, None, None]
             torch.mul(B_[:, sl, :, None], du[:, sl, None, :], out=hc)
             prev = h0
             for t in range(T):
@@ -236,11 +254,11 @@ class _ChunkedScan(torch.autograd.Function):
         return (back(grad_u, u_dtype), back(grad_delta, delta_dtype), grad_At.t().to(A.dtype),
                 back(grad_B, B_dtype), back(grad_C, C_dtype), None if grad_D is None else grad_D.to(D.dtype),
                 None if grad_z is None else grad_z.to(z.dtype).transpose(1, 2),
-                None if grad_bias is None else grad_bias.to(bias_dtype), grad_h0, None, None)
+                None if grad_bias is None else grad_bias.to(bias_dtype), grad_h0, None, None, None)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, initial_state=None, chunk_size=None):
+                           return_last_state=False, initial_state=None, chunk_size=None, seq_idx=None):
     """Chunked selective scan: parallel inside chunks, sequential across them (see the module docstring).
 
     Args:
@@ -253,20 +271,22 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         return_last_state: also return the state after the last step
         initial_state: (b, d, n) or None (zeros)
         chunk_size: steps per chunk; None picks one from the shapes
+        seq_idx: (b, l) int or None; the document index of each token (kernels/documents.py)
     Returns:
-        y: (b, d, l) in u's dtype; with return_last_state also h_L: (b, d, n) fp32
+        y: (b, d, l) in u's dtype; with return_last_state also h_L: (b, d, n) fp32 (the last document's)
     """
     batch, d_inner, seqlen = u.shape
     chunk = _chunk_len(seqlen, batch, d_inner, A.shape[1], chunk_size, u.device.type)
+    keep = None if seq_idx is None else _keep(seq_idx)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        y, h_last = _ChunkedScan.apply(*inputs, delta_softplus, chunk)
+        y, h_last = _ChunkedScan.apply(*inputs, keep, delta_softplus, chunk)
     else:                                                                    # inference: nothing to save
         u_ = _channels_last(u)
         h = (u_.new_zeros(batch, A.shape[1], d_inner) if initial_state is None
              else initial_state.float().transpose(1, 2).contiguous())                      # (b, n, d)
         ys, _ = _scan_forward(u_, _delta_bld(delta, delta_bias, delta_softplus), A.float().t().contiguous(),
-                              _channels_last(B), _channels_last(C), h, chunk, save_states=False)
+                              _channels_last(B), _channels_last(C), h, chunk, save_states=False, keep=keep)
         y = _epilogue(ys, u_, D, None if z is None else _gate_view(z)).to(u.dtype).transpose(1, 2)
         h_last = h.transpose(1, 2)
     return (y, h_last) if return_last_state else y

@@ -10,6 +10,10 @@ Notation (Gu & Dao, "Mamba", Algorithm 2), shapes in the mamba_ssm convention:
     y_t     = <h_t, C_t> + D * u_t                     (d,)
     y_t     = y_t * silu(z_t)                          (if z is given)
 
+Packed rows (seq_idx, the document index of each token, non-decreasing along a row): a new document starts at t
+where seq_idx[t] != seq_idx[t-1], and there the state restarts from zero, h_{t-1} := 0, as if the document were
+scanned on its own. The last state returned is then the last document's.
+
 The state is carried in fp32 whatever the input dtype; y is cast back to u's dtype once, at the end.
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):
+                       return_last_state=False, initial_state=None, seq_idx=None):
     """Sequential selective scan, one time step at a time.
 
     Args:
@@ -28,7 +32,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         B, C: (b, n, l)
         D, delta_bias: (d,) or None
         z: (b, d, l) or None
-        initial_state: (b, d, n) fp32 or None (zeros)
+        initial_state: (b, d, n) fp32 or None (zeros); the state before the first document
+        seq_idx: (b, l) int or None; the document index of each token (see the module doc)
     Returns:
         y: (b, d, l) in u's dtype; with return_last_state also h_L: (b, d, n) fp32
     """
@@ -45,6 +50,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ys = []
     for t in range(seqlen):
         dt = delta[:, :, t, None]                                   # (b, d, 1)
+        if seq_idx is not None and t > 0:
+            h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None]   # a new document: h_{t-1} := 0
         h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]   # (b, d, n)
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))       # (b, d)
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, d_inner, 0)   # (b, d, l)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve, triton_runs_on
+from .documents import check_seq_idx
 
 BACKENDS = ("auto", "ref", "chunked", "triton")
 
@@ -44,7 +45,7 @@ def _implementation(name: str):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto"):
+                   return_last_state=False, seq_idx=None, backend="auto"):
     """y = selective scan of u with input-dependent step delta and projections B, C (Mamba, Algorithm 2).
 
     Args:
@@ -54,15 +55,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         D, delta_bias: (d_inner,) or None
         z: (batch, d_inner, L) or None; gates the output with silu(z)
         delta_softplus: apply softplus to delta + delta_bias
-        return_last_state: also return the state after the last step
+        return_last_state: also return the state after the last step (with seq_idx: the last document's)
+        seq_idx: (batch, L) int32 or None; the document index of each token, non-decreasing along a row; the state
+            restarts from zero where it changes (kernels/documents.py). None: one document per row
         backend: "auto", "ref", "chunked" or "triton"
     Returns:
         y: (batch, d_inner, L) in u's dtype; with return_last_state, (y, last_state (batch, d_inner, d_state) fp32)
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    seq_idx = check_seq_idx(seq_idx, u.shape[0], u.shape[2])
     name = resolve_backend(backend, u.device)
     return _implementation(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                 delta_softplus=delta_softplus, return_last_state=return_last_state)
+                                 delta_softplus=delta_softplus, return_last_state=return_last_state, seq_idx=seq_idx)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):

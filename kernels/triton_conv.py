@@ -42,6 +42,12 @@ Two kernels, one per layout (conv_bwd picks):
   backward until the rows one: 0.42 ms at (8, 2048, 1536, 4) bf16 on the H200 against the forward's 0.04 ms
   (k sigmoids and k^2 + 2k loads per element). bench/bench_conv.py times both.
 
+Packed rows (seq_idx (b, l) int32, kernels/documents.py; HAS_SEQ_IDX, a constexpr, so that without it the kernels
+compile exactly as before): output t's window takes x[t'] only where seq_idx[t'] == seq_idx[t], so in the backward
+g[t + i] reaches dx[t] only within t's document, and dw's products are masked as the forward's. The forward and the
+tiles backward compare the documents of the rows they load; the rows backward reads, per tile, how many of each
+row's k-1 neighbours on either side share its document, and keeps a shifted row where that count reaches the shift.
+
 Both launchers are wrapped as torch custom ops (mamba_trainer::causal_conv1d_fwd and ::causal_conv1d_bwd, the
 latter the former's registered autograd), with fake implementations that allocate exactly what the kernels return,
 so that torch.compile traces a call as one node without a graph break.
@@ -71,35 +77,52 @@ ROWS_PREFETCH = True
 
 
 @triton.jit
-def _load_shifted(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK: tl.constexpr):
-    """x at rows offs_t (BL,) of the program's channels as fp32 (BL, BD); rows outside [0, l) and masked rows are 0."""
+def _doc_of(s_base, offs_t, seqlen, s_sl):
+    """seq_idx at rows offs_t (BL,) int32: each row's document; -1 outside [0, l) (where x is 0 anyway)."""
+    return tl.load(s_base + offs_t * s_sl, mask=(offs_t >= 0) & (offs_t < seqlen), other=-1)
+
+
+@triton.jit
+def _load_shifted(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK: tl.constexpr,
+                  s_base, s_sl, doc, HAS_SEQ_IDX: tl.constexpr):
+    """x at rows offs_t (BL,) of the program's channels as fp32 (BL, BD); rows outside [0, l) and masked rows are 0,
+    and with HAS_SEQ_IDX so are rows of another document than `doc` (BL,) (the document of the row they feed)."""
     valid = (offs_t >= 0) & (offs_t < seqlen)
     xv = tl.load(x_base + offs_t[:, None] * s_xl, mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     if HAS_MASK:
         keep = tl.load(m_base + offs_t * s_ml, mask=valid, other=0)
         xv = tl.where(keep[:, None] != 0, xv, 0.0)
+    if HAS_SEQ_IDX:
+        xv = tl.where((_doc_of(s_base, offs_t, seqlen, s_sl) == doc)[:, None], xv, 0.0)
     return xv
 
 
 @triton.jit
 def _pre_activation(x_base, m_base, w_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, bias,
-                    K: tl.constexpr, HAS_MASK: tl.constexpr):
-    """pre[t] = bias + sum_j w[j] x[t - (K-1) + j] for the rows offs_t, fp32 (BL, BD)."""
+                    K: tl.constexpr, HAS_MASK: tl.constexpr, s_base, s_sl, HAS_SEQ_IDX: tl.constexpr):
+    """pre[t] = bias + sum_j w[j] x[t - (K-1) + j] for the rows offs_t, fp32 (BL, BD); with HAS_SEQ_IDX the window
+    stops at the start of row t's document."""
     acc = tl.zeros((offs_t.shape[0], mask_d.shape[0]), dtype=tl.float32) + bias[None, :]
+    doc = offs_t
+    if HAS_SEQ_IDX:
+        doc = _doc_of(s_base, offs_t, seqlen, s_sl)
     for j in tl.static_range(K):
         w = tl.load(w_base + j * s_wk, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w[None, :] * _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+        acc += w[None, :] * _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK,
+                                          s_base, s_sl, doc, HAS_SEQ_IDX)
     return acc
 
 
 @triton.jit
 def _grad(x_base, m_base, w_base, dy_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
-          K: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr):
+          K: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
+          s_base, s_sl, HAS_SEQ_IDX: tl.constexpr):
     """g[t] = dy[t] * silu'(pre[t]) for the rows offs_t, fp32 (BL, BD); 0 past the end (those outputs do not exist)."""
     g = tl.load(dy_base + offs_t[:, None] * s_dyl, mask=(offs_t < seqlen)[:, None] & mask_d[None, :],
                 other=0.0).to(tl.float32)
     if SILU:
-        pre = _pre_activation(x_base, m_base, w_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, bias, K, HAS_MASK)
+        pre = _pre_activation(x_base, m_base, w_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, bias, K, HAS_MASK,
+                              s_base, s_sl, HAS_SEQ_IDX)
         sig = tl.sigmoid(pre)
         g = g * sig * (1.0 + pre * (1.0 - sig))
     return g
@@ -112,6 +135,7 @@ def _conv_fwd_kernel(
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_yb, s_yd, s_yl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    seq_ptr, s_sb, s_sl, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -127,7 +151,7 @@ def _conv_fwd_kernel(
     x_base = x_ptr + pid_b * s_xb + offs_d[None, :] * s_xd
     m_base = m_ptr + pid_b * s_mb
     pre = _pre_activation(x_base, m_base, w_ptr + offs_d * s_wd, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, bias,
-                          K, HAS_MASK)                                                      # (BL, BD) fp32
+                          K, HAS_MASK, seq_ptr + pid_b * s_sb, s_sl, HAS_SEQ_IDX)         # (BL, BD) fp32
     if SILU:
         pre = pre * tl.sigmoid(pre)
     y_ptrs = y_ptr + pid_b * s_yb + offs_d[None, :] * s_yd + offs_t[:, None] * s_yl
@@ -141,6 +165,7 @@ def _conv_bwd_tiles_kernel(
     s_xb, s_xd, s_xl, s_wd, s_wk, s_mb, s_ml, s_dyb, s_dyd, s_dyl, s_dxb, s_dxd, s_dxl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TIME_BLOCKS: tl.constexpr,
+    seq_ptr, s_sb, s_sl, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -158,23 +183,30 @@ def _conv_bwd_tiles_kernel(
     w_base = w_ptr + offs_d * s_wd
     dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
     dx_base = dx_ptr + pid_b * s_dxb + offs_d[None, :] * s_dxd
+    s_base = seq_ptr + pid_b * s_sb
 
     dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for blk in range(TIME_BLOCKS):
         offs_t = (pid_s * TIME_BLOCKS + blk) * BLOCK_L + tl.arange(0, BLOCK_L)
+        doc = offs_t
+        if HAS_SEQ_IDX:
+            doc = _doc_of(s_base, offs_t, seqlen, s_sl)                  # (BL,) the document of each row
         # The tile's own g: dbias, dw (x shifted by j - (K-1): L1 hits after _grad's loads) and dx's first term.
         g = _grad(x_base, m_base, w_base, dy_base, offs_t, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
-                  K, HAS_MASK, SILU)
+                  K, HAS_MASK, SILU, s_base, s_sl, HAS_SEQ_IDX)
         db_acc += tl.sum(g, axis=0)
         for j in tl.static_range(K):
-            xj = _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK)
+            xj = _load_shifted(x_base, m_base, offs_t - (K - 1) + j, mask_d, seqlen, s_xl, s_ml, HAS_MASK,
+                               s_base, s_sl, doc, HAS_SEQ_IDX)
             dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xj, axis=0)[None, :], 0.0)
         dx = tl.load(w_base + (K - 1) * s_wk, mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
         # g[t + i] for i = 1..K-1, recomputed from shifted loads (a loop, not unrolled: code size linear in K).
         for i in range(1, K):
             g = _grad(x_base, m_base, w_base, dy_base, offs_t + i, mask_d, seqlen, s_xl, s_ml, s_wk, s_dyl, bias,
-                      K, HAS_MASK, SILU)
+                      K, HAS_MASK, SILU, s_base, s_sl, HAS_SEQ_IDX)
+            if HAS_SEQ_IDX:                                               # row t + i reads x[t] only in t's document
+                g = tl.where((_doc_of(s_base, offs_t + i, seqlen, s_sl) == doc)[:, None], g, 0.0)
             dx += tl.load(w_base + (K - 1 - i) * s_wk, mask=mask_d, other=0.0).to(tl.float32)[None, :] * g
         mask_t = offs_t < seqlen
         if HAS_MASK:
@@ -261,6 +293,20 @@ def _load_rows(base, m_base, offs_t, mask_d, seqlen, s_l, s_ml, HAS_MASK: tl.con
 
 
 @triton.jit
+def _rows_in_document(s_base, offs_t, seqlen, s_sl, K: tl.constexpr):
+    """(behind, ahead), (BL,) int32 each: how many of the K-1 rows before, and after, each row offs_t belong to its
+    document. With non-decreasing seq_idx a document is one run of rows, so the row s steps back (ahead) is in it
+    exactly when s <= behind (ahead): one compare per shift instead of a row of seq_idx kept per shift."""
+    doc = _doc_of(s_base, offs_t, seqlen, s_sl)
+    behind = tl.zeros_like(offs_t)
+    ahead = tl.zeros_like(offs_t)
+    for s in tl.static_range(1, K):
+        behind += (_doc_of(s_base, offs_t - s, seqlen, s_sl) == doc).to(tl.int32)
+        ahead += (_doc_of(s_base, offs_t + s, seqlen, s_sl) == doc).to(tl.int32)
+    return behind, ahead
+
+
+@triton.jit
 def _conv_bwd_rows_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr,
     dim, seqlen, seg_len,
@@ -268,11 +314,15 @@ def _conv_bwd_rows_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PREFETCH: tl.constexpr, COMPILED: tl.constexpr,
+    seq_ptr, s_sb, s_sl, HAS_SEQ_IDX: tl.constexpr,
 ):
     """One program: BLOCK_D channels of one batch element over seg_len time steps, walked forward BLOCK_L rows at
     a time. Each tile's g = dy * silu'(pre) is computed once; the shifted copies that pre, dw and dx need come
     from the tile and its neighbour (x: the tile before, carried; g: the tile after, so dx is written one tile
-    behind) by register moves, never by loads or recomputation."""
+    behind) by register moves, never by loads or recomputation. With HAS_SEQ_IDX, each shifted row is zeroed
+    where it belongs to another document than the row it meets: each tile reads how many of its rows' K-1
+    neighbours on either side share their document (_rows_in_document), and a shift by s keeps the rows where
+    that count is >= s. The tile's data itself still moves only in registers."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -293,6 +343,7 @@ def _conv_bwd_rows_kernel(
     dy_base = dy_ptr + pid_b * s_dyb + offs_d[None, :] * s_dyd
     dx_base = dx_ptr + pid_b * s_dxb + offs_d[None, :] * s_dxd
     m_base = m_ptr + pid_b * s_mb
+    s_base = seq_ptr + pid_b * s_sb
 
     seg_start = pid_s * seg_len
     seg_end = tl.minimum(seg_start + seg_len, seqlen)
@@ -301,6 +352,7 @@ def _conv_bwd_rows_kernel(
     x_prev = x_prev.to(tl.float32)
     g_prev = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     keep_prev = _keep_rows(m_base, seg_start - BLOCK_L + offs_r, seqlen, s_ml, HAS_MASK)
+    ahead_prev = offs_r        # (read only with HAS_SEQ_IDX; the tile before the segment writes no dx)
     dw_acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # PREFETCH: each iteration loads the next tile before it works on the one loaded by the iteration before (its
@@ -324,10 +376,16 @@ def _conv_bwd_rows_kernel(
         else:
             x = _load_rows(x_base, m_base, offs_t, mask_d, seqlen, s_xl, s_ml, HAS_MASK).to(tl.float32)
             g = _load_rows(dy_base, m_base, offs_t, mask_d, seqlen, s_dyl, s_ml, False).to(tl.float32)
+        behind = offs_r
+        ahead = offs_r
+        if HAS_SEQ_IDX:
+            behind, ahead = _rows_in_document(s_base, offs_t, seqlen, s_sl, K)   # (BL,) each
         if SILU:
             pre = bias[None, :] + _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * x
             for j in tl.static_range(K - 1):
                 xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                if HAS_SEQ_IDX:
+                    xs = tl.where((behind >= K - 1 - j)[:, None], xs, 0.0)
                 pre += _weight_tap(w_all, offs_k, neg_zero, j, COMPILED) * xs
             sig = _sigmoid(pre, COMPILED)
             g = g * sig * (1.0 + pre * (1.0 - sig))
@@ -338,6 +396,8 @@ def _conv_bwd_rows_kernel(
             db_acc += tl.sum(g, axis=0)
             for j in tl.static_range(K):
                 xs = _shift_rows(x, x_prev, offs_r, neg_zero, j - (K - 1), BLOCK_L, COMPILED)
+                if HAS_SEQ_IDX:
+                    xs = tl.where((behind >= K - 1 - j)[:, None], xs, 0.0)
                 if COMPILED:
                     for r in tl.static_range(BLOCK_L):
                         g_r = tl.sum(tl.where(offs_r[:, None] == r, g, neg_zero), axis=0)
@@ -345,18 +405,21 @@ def _conv_bwd_rows_kernel(
                         dw_acc += tl.where(offs_k[:, None] == j, (g_r * xs_r)[None, :], neg_zero)
                 else:
                     dw_acc += tl.where(offs_k[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
-        # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s]
+        # dx of the tile before: dx[t] = sum_{s<K} w[K-1-s] g[t + s] (with HAS_SEQ_IDX: the rows t + s of t's document)
+        offs_p = offs_t - BLOCK_L
         dx = _weight_tap(w_all, offs_k, neg_zero, K - 1, COMPILED) * g_prev
         for s in tl.static_range(1, K):
-            dx += _weight_tap(w_all, offs_k, neg_zero, K - 1 - s, COMPILED) * \
-                _shift_rows(g_prev, g, offs_r, neg_zero, s, BLOCK_L, COMPILED)
+            gs = _shift_rows(g_prev, g, offs_r, neg_zero, s, BLOCK_L, COMPILED)
+            if HAS_SEQ_IDX:
+                gs = tl.where((ahead_prev >= s)[:, None], gs, 0.0)
+            dx += _weight_tap(w_all, offs_k, neg_zero, K - 1 - s, COMPILED) * gs
         dx = tl.where(keep_prev[:, None], dx, 0.0)                      # masked inputs were zeros: no gradient
-        offs_p = offs_t - BLOCK_L
         tl.store(dx_base + offs_p[:, None] * s_dxl, dx.to(dx_ptr.dtype.element_ty),
                  mask=((offs_p >= seg_start) & (offs_p < seg_end))[:, None] & mask_d[None, :])
         x_prev = x
         g_prev = g
         keep_prev = _keep_rows(m_base, offs_t, seqlen, s_ml, HAS_MASK)
+        ahead_prev = ahead
         t0 += BLOCK_L
 
     # this program's share of dw (d, K) and dbias (d,): fp32 adds into the launcher's zeroed buffer
@@ -409,14 +472,23 @@ def _mask_arg(mask, x):
     return m, m.stride(0), m.stride(1)
 
 
-def conv_fwd(x, weight, bias, mask, silu: bool) -> torch.Tensor:
-    """Launch the forward. Returns y (b, d, l) in x's dtype and dim order."""
+def _seq_arg(seq_idx, x):
+    """seq_idx (b, l) int32 and its strides, or x as a never-read placeholder (HAS_SEQ_IDX=False)."""
+    if seq_idx is None:
+        return x, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def conv_fwd(x, weight, bias, mask, silu: bool, seq_idx=None) -> torch.Tensor:
+    """Launch the forward (seq_idx: (b, l) int32 documents, kernels/documents.py, or None). Returns y (b, d, l) in
+    x's dtype and dim order."""
     batch, dim, seqlen = x.shape
     y = empty_like_order(x)
     if y.numel() == 0:
         return y
     cfg = fwd_config(x)
     m, s_mb, s_ml = _mask_arg(mask, x)
+    seq, s_sb, s_sl = _seq_arg(seq_idx, x)
     grid = (triton.cdiv(seqlen, cfg["BLOCK_L"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, m, y,
@@ -424,6 +496,7 @@ def conv_fwd(x, weight, bias, mask, silu: bool) -> torch.Tensor:
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
         y.stride(0), y.stride(1), y.stride(2),
         K=weight.shape[1], HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu, **cfg,
+        seq_ptr=seq, s_sb=s_sb, s_sl=s_sl, HAS_SEQ_IDX=seq_idx is not None,
     )
     return y
 
@@ -431,10 +504,10 @@ def conv_fwd(x, weight, bias, mask, silu: bool) -> torch.Tensor:
 BWD_KERNELS = ("auto", "rows", "tiles")
 
 
-def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **config):
+def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", seq_idx=None, **config):
     """Launch the backward: one kernel, which also sums the weight and bias gradients (fp32 atomics into one
     zeroed buffer). kernel: "rows" (channels-contiguous x, the model's layout), "tiles" (any layout), or "auto";
-    config overrides the chosen kernel's tile (bench/bench_conv.py's sweep).
+    config overrides the chosen kernel's tile (bench/bench_conv.py's sweep); seq_idx: (b, l) int32 or None.
 
     Returns dx (x's dtype and dim order) and dwb: fp32 (d * K + d,), dweight (d, K) then dbias (d,) (see
     `split_weight_grads`)."""
@@ -450,7 +523,9 @@ def conv_bwd(x, weight, bias, mask, dy, silu: bool, kernel: str = "auto", **conf
     args = (x, weight, bias if bias is not None else weight, m, dy, dx, dwb[:dim * k], dwb[dim * k:])
     strides = (x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1), s_mb, s_ml,
                dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2))
-    flags = dict(K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu)
+    seq, s_sb, s_sl = _seq_arg(seq_idx, x)
+    flags = dict(K=k, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=silu,
+                 seq_ptr=seq, s_sb=s_sb, s_sl=s_sl, HAS_SEQ_IDX=seq_idx is not None)
     if kernel == "rows":
         cfg = bwd_rows_config(x, k, **config)
         seg_len = cfg.pop("SEG_LEN")
@@ -478,51 +553,57 @@ def split_weight_grads(dwb, weight, bias):
 
 @torch.library.custom_op("mamba_trainer::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         mask: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
-    return conv_fwd(x, weight, bias, mask, silu)
+                         mask: Optional[torch.Tensor], silu: bool, seq_idx: Optional[torch.Tensor] = None,
+                         ) -> torch.Tensor:
+    return conv_fwd(x, weight, bias, mask, silu, seq_idx)
 
 
 @causal_conv1d_fwd_op.register_fake
-def _(x, weight, bias, mask, silu):
+def _(x, weight, bias, mask, silu, seq_idx=None):
     return empty_like_order(x)
 
 
 @torch.library.custom_op("mamba_trainer::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         mask: Optional[torch.Tensor], dy: torch.Tensor,
-                         silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return conv_bwd(x, weight, bias, mask, dy, silu)
+                         mask: Optional[torch.Tensor], dy: torch.Tensor, silu: bool,
+                         seq_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv_bwd(x, weight, bias, mask, dy, silu, seq_idx=seq_idx)
 
 
 @causal_conv1d_bwd_op.register_fake
-def _(x, weight, bias, mask, dy, silu):
+def _(x, weight, bias, mask, dy, silu, seq_idx=None):
     return empty_like_order(x), weight.new_empty(weight.shape[0] * (weight.shape[1] + 1), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, mask, silu = inputs
-    ctx.save_for_backward(x, weight, bias, mask)
+    x, weight, bias, mask, silu, seq_idx = inputs
+    ctx.save_for_backward(x, weight, bias, mask, seq_idx)
     ctx.silu = silu
 
 
 def _backward(ctx, dy):
-    x, weight, bias, mask = ctx.saved_tensors
-    dx, dwb = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
+    x, weight, bias, mask, seq_idx = ctx.saved_tensors
+    if seq_idx is None:
+        dx, dwb = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu)
+    else:
+        dx, dwb = causal_conv1d_bwd_op(x, weight, bias, mask, dy, ctx.silu, seq_idx)
     dweight, dbias = split_weight_grads(dwb, weight, bias)
-    return dx, dweight, dbias, None, None
+    return dx, dweight, dbias, None, None, None
 
 
 causal_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation="silu", mask=None):
+def causal_conv1d_triton(x, weight, bias=None, activation="silu", mask=None, seq_idx=None):
     """Fused Triton causal conv1d (+ SiLU); semantics of kernels/causal_conv.py's reference (conv_state is filled
-    by the entry point). x (b, d, l) any strides, CUDA (or CPU under TRITON_INTERPRET=1). Returns y in x's dtype
-    and dim order."""
+    by the entry point). x (b, d, l) any strides, CUDA (or CPU under TRITON_INTERPRET=1); seq_idx (b, l) int32 or
+    None. Returns y in x's dtype and dim order."""
     if x.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(f"the Triton conv needs CUDA tensors (got {x.device.type}); set TRITON_INTERPRET=1 to "
                            "run it on the CPU, or use backend='torch'")
-    return causal_conv1d_fwd_op(x, weight, bias, mask, activation == "silu")
+    if seq_idx is None:                                 # the op as it was: one document per row
+        return causal_conv1d_fwd_op(x, weight, bias, mask, activation == "silu")
+    return causal_conv1d_fwd_op(x, weight, bias, mask, activation == "silu", seq_idx)
 
 
 # ---------------------------------------------------------------- one decoding step

@@ -48,6 +48,16 @@ dB and dC are summed over the program's channels in registers and written as one
 are summed over the program's steps and added across programs with fp32 atomics. No per-channel copy of B or C and no
 L*n tensor is ever written.
 
+Packed rows (seq_idx (b, l) int32, kernels/documents.py; HAS_SEQ_IDX, a constexpr, so that without it the kernels
+compile exactly as before). At a document's first step the decay is zeroed, dA_t := 0, so h_t = delta_t B_t u_t:
+the forward's in-chunk scan and every recomputation of it in the backward see the same zero. In the adjoint the
+coefficient of step t is dA_{t+1}, zeroed where t + 1 starts a document, and the carry into the chunk before is
+zeroed where the chunk's first step starts one; g * (h_t - x_t) is then 0 at a document's first step by itself.
+Pass 1 counts a step's term only while the step is in the document open before its part (seq_idx[t] ==
+seq_idx[s - 1], monotone indices), and the second pass passes a later part's incoming carry through only when no
+document starts inside that part. Each chunk reads seq_idx at t and t - 1 (t + 1 too in the backward): the loads
+of a (BL,) int32 row.
+
 Timed on the H200 (2026-12-02, bench/scan_sweep.py, notes/scan_sweep_2026-12-02_flip.txt): forward+backward at
 (8, 2048, 1536, 16) bf16 in the model's token-major layout 2.70 ms (c35aaa8: 3.58; mamba_ssm 2.42 in its contiguous
 layout), 2.27 ms on contiguous operands. What moved it: the adjoint's reverse scan is written as flip, forward scan,
@@ -91,28 +101,39 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _chunk_states(delta, u, B, A2, h0):
+def _chunk_states(delta, u, B, A2, h0, reset, HAS_SEQ_IDX: tl.constexpr):
     """A chunk's transitions and states, as the forward makes them (the backward recomputes exactly these).
 
     delta, u: (BL, BD); B: (BL, BN); A2 = A * log2(e): (BN, BD); h0: (BN, BD) the state before the chunk.
+    reset: (BL,) bool, True where a document starts (read only with HAS_SEQ_IDX): there dA = 0, so h_{t-1} drops.
     Returns dA = exp(delta A) and x = delta B u, both (BL, BN, BD), and the states h_t of the chunk (BL, BN, BD).
     """
     dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
+    if HAS_SEQ_IDX:
+        dA = tl.where(reset[:, None, None], 0.0, dA)
     x = B[:, :, None] * (delta * u)[:, None, :]
     a_cum, x_cum = tl.associative_scan((dA, x), 0, _affine_combine)
     return dA, x, a_cum * h0[None, :, :] + x_cum
 
 
 @triton.jit
+def _doc_starts(seq_base, t, seqlen, s_sl):
+    """seq_idx at steps t and t - 1 (BL,) int32, equal (0) where t - 1 or t is outside [0, l): compare them with
+    `!=` for the steps where a new document starts. Returned uncompared so that a prefetch does not wait on them."""
+    inside = (t >= 1) & (t < seqlen)
+    return tl.load(seq_base + t * s_sl, mask=inside, other=0), tl.load(seq_base + (t - 1) * s_sl, mask=inside, other=0)
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     y_ptr, last_ptr, seg_ptr,
     dim, seqlen, dstate, n_chunks, n_segs,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
-    s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
+    s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_SEGS: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
@@ -152,6 +173,10 @@ def _scan_fwd_kernel(
     C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
     if HAS_Z:
         z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
+    seq_base = seq_ptr + pid_b * s_sb
+    reset = offs_l < 0                                  # (no document starts: read only with HAS_SEQ_IDX)
+    if HAS_SEQ_IDX:
+        seq_now_next, seq_before_next = _doc_starts(seq_base, t, seqlen, s_sl)
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c = 0
     while c < n_chunks:        # (a while loop: Triton's interpreter cannot range() over a run-time bound)
@@ -176,6 +201,9 @@ def _scan_fwd_kernel(
         C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
         if HAS_Z:
             z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
+        if HAS_SEQ_IDX:
+            reset = seq_now_next != seq_before_next                               # (BL,) a document starts
+            seq_now_next, seq_before_next = _doc_starts(seq_base, t_next, seqlen, s_sl)
 
         if HAS_BIAS:
             delta += bias[None, :]
@@ -183,7 +211,7 @@ def _scan_fwd_kernel(
             delta = _softplus(delta)
         delta = tl.where(mask_td, delta, 0.0)          # steps past the end: decay 1, input 0, the state holds
 
-        _, _, hs = _chunk_states(delta, u, B, A2, h)                             # (BL, BN, BD) h_t in the chunk
+        _, _, hs = _chunk_states(delta, u, B, A2, h, reset, HAS_SEQ_IDX)        # (BL, BN, BD) h_t in the chunk
         y = tl.sum(hs * C[:, :, None], axis=1)                                    # (BL, BD)
         h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)   # (BN, BD) last step
 
@@ -199,18 +227,22 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_carry_kernel(
-    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, loc_ptr, dsum_ptr,
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, seq_ptr, loc_ptr, dsum_ptr,
     dim, seqlen, dstate, n_chunks, part_chunks, n_parts,
-    s_db, s_dd, s_dl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl, s_dyb, s_dyd, s_dyl,
+    s_db, s_dd, s_dl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl, s_dyb, s_dyd, s_dyl, s_sb, s_sl,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     """Backward, pass 1: what each part of the sequence hands to the part before it, as an affine map of what it
     receives. Walking a part [s, e) backwards, the carry r (the gradient reaching h_{t-1} through step t) obeys
     r <- dA_t (q_t + r) with q_t = C_t dy'_t, so the part maps r_in to
         r_out = sum_t (prod_{s<=j<=t} dA_j) q_t  +  (prod_{s<=j<e} dA_j) r_in  =  loc + exp(A * sum(delta)) r_in.
     The products are exp(A * cumulative delta): one exp per element and no recurrence, so this pass needs no
-    states. Writes loc (b, parts, d, n) and sum(delta) (b, parts, d). Part 0 hands nothing on and is skipped."""
+    states. Writes loc (b, parts, d, n) and sum(delta) (b, parts, d). Part 0 hands nothing on and is skipped.
+
+    With seq_idx a product that spans a document's first step is 0: step t's term counts only while t is in the
+    document that was open before the part (seq_idx[t] == seq_idx[s - 1]); whether r_in passes the whole part is
+    read by the second pass from seq_idx itself."""
     pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
     part = tl.program_id(2) + 1
@@ -231,6 +263,9 @@ def _scan_bwd_carry_kernel(
 
     c = part * part_chunks
     c_end = tl.minimum(c + part_chunks, n_chunks)
+    if HAS_SEQ_IDX:
+        seq_base = seq_ptr + pid_b * s_sb
+        seq_open = tl.load(seq_base + (c * BLOCK_L - 1) * s_sl)       # the document open before the part
     t = c * BLOCK_L + offs_l
     mask_td = (t < seqlen)[:, None] & mask_d[None, :]
     mask_tn = (t < seqlen)[:, None] & mask_n[None, :]
@@ -239,6 +274,8 @@ def _scan_bwd_carry_kernel(
     C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
     if HAS_Z:
         z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
+    if HAS_SEQ_IDX:
+        seq_next = tl.load(seq_base + t * s_sl, mask=t < seqlen, other=0)
     dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     loc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     while c < c_end:
@@ -258,6 +295,9 @@ def _scan_bwd_carry_kernel(
         C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
         if HAS_Z:
             z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
+        if HAS_SEQ_IDX:
+            same_doc = seq_next == seq_open                                       # (BL,)
+            seq_next = tl.load(seq_base + t_next * s_sl, mask=more, other=0)
         if HAS_BIAS:
             delta += bias[None, :]
         if SOFTPLUS:
@@ -268,6 +308,8 @@ def _scan_bwd_carry_kernel(
         dy = tl.where(mask_td, dy, 0.0)                                           # dy' (BL, BD)
         cum = dsum[None, :] + tl.cumsum(delta, 0)                                 # (BL, BD) delta from s to t
         decay = tl.exp2(cum[:, None, :] * A2[None, :, :])                         # (BL, BN, BD)
+        if HAS_SEQ_IDX:
+            decay = tl.where(same_doc[:, None, None], decay, 0.0)
         loc += tl.sum(decay * C[:, :, None] * dy[:, None, :], axis=0)
         dsum += tl.sum(delta, axis=0)
         c += 1
@@ -285,14 +327,14 @@ def _adjoint_combine(a_late, q_late, a_early, q_early):
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, seg_ptr, dlast_ptr, loc_ptr, dsum_ptr,
-    scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, seq_ptr, seg_ptr, dlast_ptr, loc_ptr,
+    dsum_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     dim, seqlen, dstate, n_chunks, n_segs, part_segs, n_parts,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_zb, s_zd, s_zl,
-    s_dyb, s_dyd, s_dyl, s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl,
+    s_dyb, s_dyd, s_dyl, s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)         # offsets past 2^31 elements in large batches
     pid_d = tl.program_id(1)
@@ -334,12 +376,20 @@ def _scan_bwd_kernel(
         carry = tl.load(dlast_ptr + pid_b * dim * dstate + state_offs, mask=mask_nd, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    seq_base = seq_ptr + pid_b * s_sb
     later = n_parts - 1
     while later > part:
         pofs = (pid_b * n_parts + later) * dim
         loc = tl.load(loc_ptr + pofs * dstate + state_offs, mask=mask_nd, other=0.0)
         dsum = tl.load(dsum_ptr + pofs + offs_d, mask=mask_d, other=0.0)
-        carry = loc + tl.exp2(dsum[None, :] * A2) * carry
+        through = tl.exp2(dsum[None, :] * A2) * carry
+        if HAS_SEQ_IDX:
+            # what reaches the part's end crosses it only when no document starts inside it, [s, e)
+            s = later * part_segs * SEG_CHUNKS * BLOCK_L
+            e = tl.minimum(s + part_segs * SEG_CHUNKS * BLOCK_L, seqlen)
+            if tl.load(seq_base + (e - 1) * s_sl) != tl.load(seq_base + (s - 1) * s_sl):
+                through = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        carry = loc + through
         later -= 1
 
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -361,6 +411,9 @@ def _scan_bwd_kernel(
         u_next = tl.load(u_base + t[:, None] * s_ul, mask=mask_td, other=0.0)
         delta_next = tl.load(delta_base + t[:, None] * s_dl, mask=mask_td, other=0.0)
         B_next = tl.load(B_base + t[:, None] * s_Bl, mask=mask_tn, other=0.0)
+        reset = offs_l < 0                              # (no document starts: read only with HAS_SEQ_IDX)
+        if HAS_SEQ_IDX:
+            seq_now_next, seq_before_next = _doc_starts(seq_base, t, seqlen, s_sl)
         while c < c_end - 1:
             tl.store(scratch + (c - c_first) * BLOCK_N * BLOCK_D, h)
             t = c * BLOCK_L + offs_l
@@ -375,12 +428,15 @@ def _scan_bwd_kernel(
             u_next = tl.load(u_base + t_next[:, None] * s_ul, mask=mask_td_next, other=0.0)
             delta_next = tl.load(delta_base + t_next[:, None] * s_dl, mask=mask_td_next, other=0.0)
             B_next = tl.load(B_base + t_next[:, None] * s_Bl, mask=mask_tn_next, other=0.0)
+            if HAS_SEQ_IDX:
+                reset = seq_now_next != seq_before_next
+                seq_now_next, seq_before_next = _doc_starts(seq_base, t_next, seqlen, s_sl)
             if HAS_BIAS:
                 delta += bias[None, :]
             if SOFTPLUS:
                 delta = _softplus(delta)
             delta = tl.where(mask_td, delta, 0.0)
-            _, _, hs = _chunk_states(delta, u, B, A2, h)
+            _, _, hs = _chunk_states(delta, u, B, A2, h, reset, HAS_SEQ_IDX)
             h = tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, hs, 0.0), axis=0)
             c += 1
         tl.store(scratch + (c_end - 1 - c_first) * BLOCK_N * BLOCK_D, h)
@@ -400,6 +456,10 @@ def _scan_bwd_kernel(
         C_next = tl.load(C_base + t[:, None] * s_Cl, mask=mask_tn, other=0.0)
         if HAS_Z:
             z_next = tl.load(z_base + t[:, None] * s_zl, mask=mask_td, other=0.0)
+        reset_after = offs_l < 0                        # (read only with HAS_SEQ_IDX)
+        if HAS_SEQ_IDX:
+            seq_now_next, seq_before_next = _doc_starts(seq_base, t, seqlen, s_sl)
+            seq_after_next, seq_at_next = _doc_starts(seq_base, t + 1, seqlen, s_sl)
         while c >= c_first:
             t = c * BLOCK_L + offs_l
             mask_td = (t < seqlen)[:, None] & mask_d[None, :]
@@ -426,6 +486,12 @@ def _scan_bwd_kernel(
             C_next = tl.load(C_base + t_next[:, None] * s_Cl, mask=mask_tn_next, other=0.0)
             if HAS_Z:
                 z_next = tl.load(z_base + t_next[:, None] * s_zl, mask=mask_td_next, other=0.0)
+            if HAS_SEQ_IDX:
+                # a document starts at t (reset) or at t + 1 (reset_after: the adjoint's coefficient dA_{t+1} is 0)
+                reset = seq_now_next != seq_before_next
+                reset_after = seq_after_next != seq_at_next
+                seq_now_next, seq_before_next = _doc_starts(seq_base, t_next, seqlen, s_sl)
+                seq_after_next, seq_at_next = _doc_starts(seq_base, t_next + 1, seqlen, s_sl)
             if HAS_BIAS:
                 delta_raw += bias[None, :]
                 delta1 += bias[None, :]
@@ -438,7 +504,7 @@ def _scan_bwd_kernel(
             delta1 = tl.where(mask_td1, delta1, 0.0)
 
             # The chunk's states again, exactly as the forward made them.
-            _, x, hs = _chunk_states(delta, u, B, A2, h0)                         # (BL, BN, BD) each
+            _, x, hs = _chunk_states(delta, u, B, A2, h0, reset, HAS_SEQ_IDX)   # (BL, BN, BD) each
 
             # Through the gate: y = y_pre * silu(z), y_pre = <h, C> + D u.
             if HAS_Z:
@@ -458,6 +524,8 @@ def _scan_bwd_kernel(
             # step's coefficient is the *next* step's decay, made from delta_{t+1}; the last step's is folded
             # into carry already, so it is 1.
             decay_next = tl.exp2(delta1[:, None, :] * A2[None, :, :])              # (BL, BN, BD) dA_{t+1}
+            if HAS_SEQ_IDX:
+                decay_next = tl.where(reset_after[:, None, None], 0.0, decay_next)
             decay_next = tl.where(offs_l[:, None, None] == BLOCK_L - 1, 1.0, decay_next)
             q = C[:, :, None] * dy[:, None, :]                                    # (BL, BN, BD)
             # A reverse scan as a forward scan between two flips: flipping an axis held in registers is free,
@@ -468,6 +536,9 @@ def _scan_bwd_kernel(
             g = q_cum + a_cum * carry[None, :, :]                                 # (BL, BN, BD)
             delta0 = tl.sum(tl.where(offs_l[:, None] == 0, delta, 0.0), axis=0)   # (BD,) the chunk's first delta
             carry = tl.exp2(delta0[None, :] * A2) * tl.sum(tl.where(offs_l[:, None, None] == 0, g, 0.0), axis=0)
+            if HAS_SEQ_IDX:
+                reset0 = tl.sum(tl.where(offs_l == 0, reset.to(tl.int32), 0), axis=0)     # the chunk starts one
+                carry = tl.where(reset0 != 0, 0.0, carry)
 
             # Per-step gradients. g * (h_t - x_t) = g_t * dA_t * h_{t-1}: the part that flows through the decay.
             gh = g * hs                                                           # (BL, BN, BD)
@@ -517,8 +588,15 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
-    """Launch the forward. Returns y (b, d, l) in u's dtype and memory layout, the last state (b, d, n) fp32, the
+def _seq_arg(seq_idx, u):
+    """seq_idx (b, l) int32 and its strides, or u as a never-read placeholder (HAS_SEQ_IDX=False)."""
+    if seq_idx is None:
+        return u, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs, seq_idx=None):
+    """Launch the forward (seq_idx: (b, l) int32 or None, see kernels/documents.py). Returns y (b, d, l) in u's dtype and memory layout, the last state (b, d, n) fp32, the
     segment-start states (b, segments, d, n) fp32 (None unless save_segs) and the block config."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -529,15 +607,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
     last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     segs = torch.empty(batch, n_segs, dim, dstate, device=u.device, dtype=torch.float32) if save_segs else last
     zz = z if z is not None else u
+    seq, s_sb, s_sl = _seq_arg(seq_idx, u)
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, seq,
         y, last, segs,
         dim, seqlen, dstate, n_chunks, n_segs,
         *_strides(u), *_strides(delta), A.stride(0), A.stride(1), *_strides(B), *_strides(C), *_strides(zz),
-        *_strides(y),
+        *_strides(y), s_sb, s_sl,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        SAVE_SEGS=save_segs, SEG_CHUNKS=SEG_CHUNKS, **cfg,
+        SAVE_SEGS=save_segs, SEG_CHUNKS=SEG_CHUNKS, HAS_SEQ_IDX=seq_idx is not None, **cfg,
     )
     return y, last, (segs if save_segs else None), cfg
 
@@ -549,7 +628,7 @@ def _num_parts(programs: int, n_segs: int) -> int:
     return triton.cdiv(n_segs, triton.cdiv(n_segs, wanted))
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast):
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast, seq_idx=None):
     """Launch the backward. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), None where absent;
     du, ddelta and dz in the memory layout of u, delta and z."""
     batch, dim, seqlen = u.shape
@@ -572,26 +651,28 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dla
     n_parts = _num_parts(batch * n_dblocks, n_segs)
     part_segs = triton.cdiv(n_segs, n_parts)
     zz = z if z is not None else u
-    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
+    seq, s_sb, s_sl = _seq_arg(seq_idx, u)
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+                 HAS_SEQ_IDX=seq_idx is not None)
     loc = torch.empty(batch, n_parts, dim, dstate, **f32)
     dsum = torch.empty(batch, n_parts, dim, **f32)
     if n_parts > 1:
         _scan_bwd_carry_kernel[(batch, n_dblocks, n_parts - 1)](
-            delta, A, C, zz, delta_bias if delta_bias is not None else A, dy, loc, dsum,
+            delta, A, C, zz, delta_bias if delta_bias is not None else A, dy, seq, loc, dsum,
             dim, seqlen, dstate, n_chunks, part_segs * SEG_CHUNKS, n_parts,
-            *_strides(delta), A.stride(0), A.stride(1), *_strides(C), *_strides(zz), *_strides(dy),
+            *_strides(delta), A.stride(0), A.stride(1), *_strides(C), *_strides(zz), *_strides(dy), s_sb, s_sl,
             **flags, **cfg,
         )
     grid = (batch, n_dblocks, n_parts)
     scratch = torch.empty(n_parts * batch * n_dblocks * SEG_CHUNKS * cfg["BLOCK_N"] * cfg["BLOCK_D"], **f32)
     dzz = dz if dz is not None else du
     _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, segs,
-        dlast if dlast is not None else A, loc, dsum, scratch,
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dy, seq,
+        segs, dlast if dlast is not None else A, loc, dsum, scratch,
         du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
         dim, seqlen, dstate, n_chunks, n_segs, part_segs, n_parts,
         *_strides(u), *_strides(delta), A.stride(0), A.stride(1), *_strides(B), *_strides(C), *_strides(zz),
-        *_strides(dy), *_strides(du), *_strides(ddelta), *_strides(dzz),
+        *_strides(dy), *_strides(du), *_strides(ddelta), *_strides(dzz), s_sb, s_sl,
         HAS_D=D is not None, HAS_DLAST=dlast is not None, SEG_CHUNKS=SEG_CHUNKS, **flags, **cfg,
         **({} if BWD_MAXNREG is None else dict(maxnreg=BWD_MAXNREG)),
     )
@@ -614,15 +695,16 @@ def _num_segs(dim: int, dstate: int, seqlen: int) -> int:
 @torch.library.custom_op("mamba_trainer::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                           D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                          delta_softplus: bool, save_segs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          delta_softplus: bool, save_segs: bool, seq_idx: Optional[torch.Tensor] = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (u's layout), the last state (b, d, n) fp32 and the segment-start states the backward restarts from
-    ((b, segments, d, n) fp32; an empty tensor unless save_segs)."""
-    y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs)
+    ((b, segments, d, n) fp32; an empty tensor unless save_segs). seq_idx: (b, l) int32 documents, or None."""
+    y, last, segs, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs, seq_idx)
     return y, last, segs if segs is not None else last.new_empty(0)
 
 
 @selective_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs, seq_idx=None):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
@@ -635,50 +717,51 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs):
 def selective_scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                           D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                           delta_softplus: bool, segs: torch.Tensor, dy: torch.Tensor,
-                          dlast: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                          dlast: Optional[torch.Tensor], seq_idx: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """The gradients of (u, delta, A, B, C) and, where given, of D, z, delta_bias (in that order)."""
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs,
-                                                      dy, dlast)
+                                                      dy, dlast, seq_idx)
     return [du, ddelta, dA, dB, dC] + [g for g in (dD, dz, dbias) if g is not None]
 
 
 @selective_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, segs, dy, dlast, seq_idx=None):
     grads = [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
              B.new_empty(B.shape), C.new_empty(C.shape)]
     return grads + [torch.empty_like(t) for t in (D, z, delta_bias) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_segs, seq_idx = inputs
     ctx.delta_softplus = delta_softplus
     ctx.present = (D is not None, z is not None, delta_bias is not None)
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], seq_idx)
 
 
 def _backward(ctx, dy, dlast, _dsegs):
-    u, delta, A, B, C, D, z, delta_bias, segs = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, segs, seq_idx = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
     grads = iter(selective_scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, segs, dy,
-                                       dlast.contiguous() if dlast is not None else None))
+                                       dlast.contiguous() if dlast is not None else None, seq_idx))
     du, ddelta, dA, dB, dC = (next(grads) for _ in range(5))
     dD, dz, dbias = (next(grads) if present else None for present in ctx.present)
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
 
 
 selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
+                          return_last_state=False, seq_idx=None):
     """Fused Triton selective scan; the signature and semantics of kernels/reference.py's selective_scan_ref.
 
     Args:
         u, delta: (b, d, l) fp32, bf16 or fp16 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
         A: (d, n) fp32;  B, C: (b, n, l);  D, delta_bias: (d,) or None;  z: (b, d, l) or None
+        seq_idx: (b, l) int32 or None; the document index of each token (kernels/documents.py)
     Returns:
-        y: (b, d, l) in u's dtype; with return_last_state also the last state (b, d, n) fp32
+        y: (b, d, l) in u's dtype; with return_last_state also the last state (b, d, n) fp32 (the last document's)
     """
     if u.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(f"the Triton scan needs CUDA tensors (got {u.device.type}); set TRITON_INTERPRET=1 to "
@@ -694,5 +777,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    y, last, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, needs_grad)
+    if seq_idx is None:                                 # the op as it was: one document per row
+        y, last, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, needs_grad)
+    else:
+        y, last, _ = selective_scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, needs_grad,
+                                           seq_idx.to(torch.int32))
     return (y, last) if return_last_state else y

@@ -354,7 +354,7 @@ def test_kernels_compile_for_hopper(shape, k, flags, stride_one):
         kernels.append((tc._conv_bwd_rows_kernel, dict(rows_cfg, COMPILED=True)))
     for fn, cfg in kernels:
         num_warps = cfg.pop("num_warps")
-        constexprs = dict(K=k, HAS_BIAS=flags, HAS_MASK=flags, SILU=flags, **cfg)
+        constexprs = dict(K=k, HAS_BIAS=flags, HAS_MASK=flags, SILU=flags, HAS_SEQ_IDX=False, **cfg)
         constexprs.update({name: 1 for name in unit if name in fn.arg_names})
         signature = {name: "constexpr" if name in constexprs else
                      ("*bf16" if name in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr") else "*u8" if name == "m_ptr"
@@ -396,7 +396,7 @@ def test_rows_backward_fits_registers_on_hopper(prefetch):
     cfg = tc.bwd_rows_config(x, 4, prefetch=prefetch)
     cfg.pop("SEG_LEN")
     num_warps = cfg.pop("num_warps")
-    constexprs = dict(K=4, HAS_BIAS=True, HAS_MASK=False, SILU=True, COMPILED=True, **cfg,
+    constexprs = dict(K=4, HAS_BIAS=True, HAS_MASK=False, SILU=True, COMPILED=True, HAS_SEQ_IDX=False, **cfg,
                       s_xd=1, s_dyd=1, s_dxd=1, s_wk=1)
     signature = {name: "constexpr" if name in constexprs else
                  ("*bf16" if name in ("x_ptr", "dy_ptr", "dx_ptr") else "*u8" if name == "m_ptr" else "*fp32")

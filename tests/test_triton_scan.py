@@ -239,14 +239,17 @@ def test_kernels_compile_for_hopper(dim, dstate, seqlen, flags):
         assert len(kernel.asm["cubin"]) > 0
 
     common = dict(HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags)
-    for fn, per_thread, warps, extra in ((ts._scan_fwd_kernel, ts.FWD_PER_THREAD, ts.FWD_WARPS, dict(SAVE_SEGS=True)),
-                                         (ts._scan_bwd_kernel, ts.BWD_PER_THREAD, ts.BWD_WARPS, dict(HAS_DLAST=True))):
+    for fn, per_thread, warps, extra in ((ts._scan_fwd_kernel, ts.FWD_PER_THREAD, ts.FWD_WARPS,
+                                          dict(SAVE_SEGS=True, HAS_SEQ_IDX=False)),
+                                         (ts._scan_bwd_kernel, ts.BWD_PER_THREAD, ts.BWD_WARPS,
+                                          dict(HAS_DLAST=True, HAS_SEQ_IDX=False))):
         cfg = ts._config(dim, dstate, seqlen, per_thread, warps)
         num_warps = cfg.pop("num_warps")
         compile_kernel(fn, dict(**common, **extra, SEG_CHUNKS=ts.SEG_CHUNKS, **cfg), num_warps)
     cfg = ts._config(dim, dstate, seqlen, ts.BWD_PER_THREAD, ts.BWD_WARPS)
     num_warps = cfg.pop("num_warps")
-    compile_kernel(ts._scan_bwd_carry_kernel, dict(HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, **cfg), num_warps)
+    compile_kernel(ts._scan_bwd_carry_kernel, dict(HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags, HAS_SEQ_IDX=False,
+                                                   **cfg), num_warps)
     compile_kernel(_state_update_kernel, dict(**common, BLOCK_D=32, BLOCK_N=triton.next_power_of_2(dstate)), 4)
 
 
