@@ -26,6 +26,7 @@ from evaluation.perplexity import evaluate_corpus, long_documents, loss_by_posit
 from evaluation.scoring import Scorer
 from inference.loading import DTYPES, UsageError, load_for_inference, resolve_device
 from training.checkpoint import TRAIN_CONFIG_FILE, load_train_config
+from utils.cli import positive_int
 from utils.errors import DataError
 
 DEFAULT_CHECKPOINTS = "checkpoints"
@@ -33,16 +34,6 @@ FALLBACK_TRAINED_LENGTH = 2048     # a checkpoint without train_config.json (an 
 FULL_CONTEXT_PASS = 16384          # full context: tokens per parallel pass by default (longer documents go on a
                                    # decoding step per token: exact, but far slower than a pass)
 LENGTH_FACTOR = 4                  # --by_position scores up to this many training lengths by default
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

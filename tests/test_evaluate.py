@@ -20,17 +20,15 @@ from evaluation.perplexity import (bucket_edges, document_tokens, evaluate_corpu
 from evaluation.scoring import Scorer, sliding_pieces
 from models import (HybridConfig, HybridLanguageModel, Mamba2Config, Mamba2LanguageModel, MambaConfig,
                     MambaLanguageModel)
-from utils.tokenizer import Tokenizer
-from tests.helpers import randomize_parameters
+from tests.helpers import SAMPLE_TEXTS, randomize_parameters, sample_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model reads text one token at a time.",
-         "def add(a, b):\n    return a + b\n", "Grüße aus Köln — naïve café, 東京 ✓."] * 4
+TEXTS = SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train(TEXTS, 300)
+    return sample_tokenizer()
 
 
 def mamba1(vocab=50, seed=0):
