@@ -26,6 +26,7 @@ The metrics.jsonl keys, in the evaluation row beside val_loss:
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +77,9 @@ def _read_corpus(cfg: TrainConfig, show_progress: bool) -> tuple[Corpus, str]:
     data_dir = hf_dataset = None
     if value.startswith(HF_PREFIX):
         hf_dataset = value[len(HF_PREFIX):]
-        flags = f"--hf_dataset {hf_dataset} --text_field {cfg.text_field}"
+        flags = f"--hf_dataset {shlex.quote(hf_dataset)} --text_field {shlex.quote(cfg.text_field)}"
     elif value != BUILTIN:
-        data_dir, flags = value, f"--data_dir {value}"
+        data_dir, flags = value, f"--data_dir {shlex.quote(value)}"
         if not Path(value).exists():
             raise ConfigError(f"eval_data {value!r} does not exist; give a folder or a file of documents, "
                               f"{BUILTIN} (the built-in corpus), or {HF_PREFIX}NAME_OR_PATH (an HF dataset)")

@@ -111,7 +111,8 @@ class MetricsLogger:
 
     def _series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every row with a finite `key`."""
-        return [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [(r["step"], r[key]) for r in self.rows
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
     def _report(self, path: Path, err: OSError) -> None:
         if path.name not in self._failed:
