@@ -67,11 +67,14 @@ class MetricsLogger:
 
     def plot(self) -> Path:
         """Write loss.png: train loss per logged step and validation loss per eval; eval_data's bits per byte on
-        an axis of its own (right), and the harness tasks' metrics in a panel below, when the run has them."""
+        an axis of its own (right), and the harness tasks' fractions (accuracies) in a panel below, when the run has
+        them."""
         train = self._series("loss")
         val = self._series("val_loss")
         bpb = self._series("eval_bits_per_byte")
-        task_keys = sorted({k for r in self.rows for k in r if "/" in k})
+        # task metrics that are fractions (accuracies, exact match) share a panel; a perplexity has no place on it
+        task_keys = sorted(k for k in {k for r in self.rows for k in r if "/" in k}
+                           if all(0 <= v <= 1 for _, v in self._series(k)))
         fig, axes = plt.subplots(2 if task_keys else 1, 1, figsize=(7, 6.5 if task_keys else 4), sharex=True,
                                  squeeze=False, height_ratios=[2, 1] if task_keys else None)
         ax = axes[0, 0]
