@@ -143,10 +143,18 @@ def test_bad_input_exits_2_before_training(corpus, eval_dir, tmp_path, capsys, m
         assert not (out / "metrics.jsonl").exists()
 
 
-def test_unknown_task_exits_2(corpus, tmp_path, capsys, fake_lm_eval):
+def test_unknown_or_unloadable_task_exits_2(corpus, tmp_path, capsys, monkeypatch, fake_lm_eval):
     assert main(args(corpus, tmp_path / "run", "--max_steps", "2", "--eval_tasks", f"{FAKE_TASK},no_such")) == 2
     err = capsys.readouterr().err
     assert "does not know the task(s) no_such" in err and len(err.strip().splitlines()) == 1
+
+    def offline(names, manager):
+        raise ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(sys.modules["lm_eval.tasks"], "get_task_dict", offline)
+    assert main(args(corpus, tmp_path / "run", "--max_steps", "2", "--eval_tasks", FAKE_TASK)) == 2
+    err = capsys.readouterr().err
+    assert "could not load fake_choice (ConnectionError: Couldn't reach" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_evaluate_py_max_tokens_must_be_positive(capsys):
