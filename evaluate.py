@@ -22,27 +22,17 @@ import torch
 
 from evaluation.corpus import read_corpus
 from evaluation.harness import HarnessAdapter, HarnessMissing, import_lm_eval, run_tasks
-from evaluation.perplexity import evaluate_corpus, long_documents, loss_by_position, plot_by_position
+from evaluation.perplexity import (FULL_CONTEXT_PASS, cap_tokens, evaluate_corpus, long_documents, loss_by_position,
+                                   plot_by_position)
 from evaluation.scoring import Scorer
 from inference.loading import DTYPES, UsageError, load_for_inference, resolve_device
 from training.checkpoint import TRAIN_CONFIG_FILE, load_train_config
+from utils.cli import positive_int
 from utils.errors import DataError
 
 DEFAULT_CHECKPOINTS = "checkpoints"
 FALLBACK_TRAINED_LENGTH = 2048     # a checkpoint without train_config.json (an HF folder): mamba_ssm's length
-FULL_CONTEXT_PASS = 16384          # full context: tokens per parallel pass by default (longer documents go on a
-                                   # decoding step per token: exact, but far slower than a pass)
 LENGTH_FACTOR = 4                  # --by_position scores up to this many training lengths by default
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--text_field", default="text", help="the dataset column holding the text")
     src.add_argument("--max_documents", type=positive_int, default=100,
                      help="documents to evaluate on at most, spread evenly over the corpus")
+    src.add_argument("--max_tokens", type=positive_int, default=None,
+                     help="tokens to score at most, in all: the longest documents are cut to an equal share of "
+                          "them (train.py --eval_tokens scores its --eval_data the same way)")
     sc = p.add_argument_group("scoring")
     sc.add_argument("--window", type=positive_int, default=None,
                     help=f"tokens per parallel pass. Full context (no --stride): default {FULL_CONTEXT_PASS}; a "
@@ -147,7 +140,9 @@ def evaluate_one(path: str, args, tasks: list[str], corpus, device, dtype, curve
     log(f"{describe(ckpt, model)} on {device}, {str(dtype).split('.')[-1]}")
     if corpus is not None:
         scorer = Scorer(model, window, stride, args.batch_size, show_progress=not args.no_progress)
-        score = evaluate_corpus(scorer, tokenizer, corpus.documents)
+        texts = corpus.documents if args.max_tokens is None else cap_tokens(tokenizer, corpus.documents,
+                                                                            args.max_tokens)
+        score = evaluate_corpus(scorer, tokenizer, texts)
         result["corpus"] = score.to_dict()
     if args.by_position:
         length = args.length or LENGTH_FACTOR * (trained or FALLBACK_TRAINED_LENGTH)

@@ -10,19 +10,10 @@ import sys
 from pathlib import Path
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE
+from utils.cli import positive_int
 from utils.dataset import DEFAULT_VAL_FRACTION, prepare_dataset
 from utils.errors import DataError
 from utils.stats import stats_json, summary
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def fraction(text: str) -> float:

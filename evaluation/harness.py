@@ -187,16 +187,15 @@ def harness_lm_class():
     return MambaTrainerLM
 
 
-def run_tasks(adapter: HarnessAdapter, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
-              include_path: str | None = None) -> dict:
-    """Run harness tasks on an adapter; returns the harness's results dict (its "results" key: metrics per task).
+def task_manager(tasks: Sequence[str], include_path: str | None = None, include_label: str = "--include_path"):
+    """The harness's TaskManager (its own tasks and those under include_path), once it is known to hold every one of
+    `tasks`: built once, it indexes thousands of task files.
 
     Raises:
         HarnessMissing: lm_eval is not installed
         ValueError: a task the harness does not know (the message names it)
     """
     import_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
@@ -204,8 +203,24 @@ def run_tasks(adapter: HarnessAdapter, tasks: Sequence[str], num_fewshot: int | 
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"the harness does not know the task(s) {', '.join(unknown)}"
-                         + (f" (nor does --include_path {include_path!r})" if include_path else "")
+                         + (f" (nor does {include_label} {include_path!r})" if include_path else "")
                          + "; `lm_eval ls tasks` lists them")
+    return manager
+
+
+def run_tasks(adapter: HarnessAdapter, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
+              include_path: str | None = None, manager=None) -> dict:
+    """Run harness tasks on an adapter; returns the harness's results dict (its "results" key: metrics per task).
+    `manager`: a task_manager(tasks, ...) built before (else one is built here, from include_path).
+
+    Raises:
+        HarnessMissing: lm_eval is not installed
+        ValueError: a task the harness does not know (the message names it)
+    """
+    if manager is None:
+        manager = task_manager(tasks, include_path)
+    from lm_eval import simple_evaluate
+
     lm = harness_lm_class()(adapter=adapter)
     return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager)
 

@@ -7,6 +7,9 @@ tokens; the total information per byte of text does not depend on how it was cut
 
 Each document is scored as [end-of-text] + tokens(text): the end-of-text token that precedes a document in
 training is its first token's context, and every token of the text is scored once (no end-of-text after it).
+
+A budget of tokens (evaluate.py --max_tokens, the trainer's --eval_tokens) cuts the longest documents to an equal
+share of it, at a token boundary of their text (cap_tokens): bits per byte then counts the bytes of what was scored.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from .scoring import Scorer, Scores, total_nll
+
+FULL_CONTEXT_PASS = 16384    # full context: tokens per parallel pass by default (longer documents go on a decoding
+                             # step per token: exact, but far slower than a pass)
 
 
 @dataclass
@@ -38,25 +44,65 @@ def document_tokens(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [[tokenizer.eot_id, *ids] for ids in tokenizer.encode_batch(list(texts))]
 
 
-def summarise(scores: Sequence[Scores], texts: Sequence[str]) -> CorpusScore:
-    """The corpus figures from the scores of each document (document_tokens order) and the texts."""
-    tokens = sum(len(s.nll) for s in scores)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+def cap_tokens(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """The texts cut so that at most max_tokens of their tokens are scored in all.
+
+    Every document gets an equal share; one shorter than its share stays whole and leaves the rest to the others
+    (the share is the largest L with sum(min(tokens_i, L)) <= max_tokens). A longer one is cut at the start of its
+    token L + 1, and keeps at most L tokens when its cut text is tokenised again. With more texts than max_tokens,
+    only the first max_tokens are kept (one token each at least)."""
+    texts = list(texts)[:max_tokens]
+    encodings = tokenizer.backend.encode_batch(texts, add_special_tokens=False)      # ids with character offsets
+    lengths = [len(e.ids) for e in encodings]
+    if sum(lengths) <= max_tokens:
+        return texts
+    left, share = max_tokens, 0
+    for k, n in enumerate(sorted(lengths)):
+        others = len(lengths) - k                        # this document and the longer ones
+        if n * others > left:
+            share = left // others
+            break
+        left -= n
+    cut = []
+    for text, enc, n in zip(texts, encodings, lengths):
+        if n <= share:
+            cut.append(text)
+            continue
+        keep = share
+        while len(tokenizer.encode(text[:enc.offsets[keep][0]])) > share:    # a merge across the cut: one less
+            keep -= 1
+        cut.append(text[:enc.offsets[keep][0]])
+    return cut
+
+
+def corpus_score(nats: float, tokens: int, n_bytes: int, documents: int) -> CorpusScore:
+    """The corpus figures from the summed loss (nats) of `tokens` tokens over `n_bytes` bytes of text."""
     if tokens == 0 or n_bytes == 0:
         raise ValueError("nothing was scored: the documents hold no tokens")
-    nats = total_nll(scores)
     loss = nats / tokens
-    return CorpusScore(documents=len(texts), tokens=tokens, bytes=n_bytes, loss=loss,
+    return CorpusScore(documents=documents, tokens=tokens, bytes=n_bytes, loss=loss,
                        perplexity=math.exp(loss) if loss < 700 else math.inf,
                        bits_per_byte=nats / math.log(2) / n_bytes, bits_per_token=loss / math.log(2))
 
 
+def summarise(scores: Sequence[Scores], texts: Sequence[str]) -> CorpusScore:
+    """The corpus figures from the scores of each document (document_tokens order) and the texts."""
+    return corpus_score(total_nll(scores), sum(len(s.nll) for s in scores),
+                        sum(len(t.encode("utf-8")) for t in texts), len(texts))
+
+
+def scorable(tokenizer, texts: Sequence[str]) -> tuple[list[list[int]], list[str]]:
+    """(document_tokens, texts) of the documents with at least one token to score (a text of only ignored
+    characters has none)."""
+    docs = document_tokens(tokenizer, texts)
+    keep = [i for i, d in enumerate(docs) if len(d) > 1]
+    return [docs[i] for i in keep], [texts[i] for i in keep]
+
+
 def evaluate_corpus(scorer: Scorer, tokenizer, texts: Sequence[str]) -> CorpusScore:
     """Score whole documents (see the module doc) and summarise them."""
-    docs = document_tokens(tokenizer, texts)
-    keep = [i for i, d in enumerate(docs) if len(d) > 1]          # a text of only ignored characters has no token
-    scores = scorer.score([docs[i] for i in keep])
-    return summarise(scores, [texts[i] for i in keep])
+    docs, texts = scorable(tokenizer, texts)
+    return summarise(scorer.score(docs), texts)
 
 
 # ---- loss by position --------------------------------------------------------------------------------------------

@@ -1,5 +1,18 @@
 """Shared test helpers."""
+import functools
+
 import torch
+
+# a few short texts with code, punctuation and multi-byte characters: the tokenizer tests of inference share
+SAMPLE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model reads text one token at a time.",
+                "def add(a, b):\n    return a + b\n", "Grüße aus Köln — naïve café, 東京 ✓."] * 4
+
+
+@functools.cache
+def sample_tokenizer():
+    """A byte-level BPE of 300 ids trained on SAMPLE_TEXTS (trained once per test process)."""
+    from utils.tokenizer import Tokenizer
+    return Tokenizer.train(SAMPLE_TEXTS, 300)
 
 
 @torch.no_grad()

@@ -15,22 +15,20 @@ import torch
 
 import evaluate
 from evaluation.harness import HarnessAdapter
-from evaluation.perplexity import (bucket_edges, document_tokens, evaluate_corpus, long_documents, loss_by_position,
-                                   plot_by_position)
+from evaluation.perplexity import (bucket_edges, cap_tokens, document_tokens, evaluate_corpus, long_documents,
+                                   loss_by_position, plot_by_position)
 from evaluation.scoring import Scorer, sliding_pieces
 from models import (HybridConfig, HybridLanguageModel, Mamba2Config, Mamba2LanguageModel, MambaConfig,
                     MambaLanguageModel)
-from utils.tokenizer import Tokenizer
-from tests.helpers import randomize_parameters
+from tests.helpers import SAMPLE_TEXTS, randomize_parameters, sample_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model reads text one token at a time.",
-         "def add(a, b):\n    return a + b\n", "Grüße aus Köln — naïve café, 東京 ✓."] * 4
+TEXTS = SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train(TEXTS, 300)
+    return sample_tokenizer()
 
 
 def mamba1(vocab=50, seed=0):
@@ -166,6 +164,23 @@ def test_corpus_score_is_the_sum_of_document_scores(tokenizer):
     nats = sum(direct_nll(model, d).sum() for d in document_tokens(tokenizer, texts))
     assert score.loss * score.tokens == pytest.approx(nats, rel=1e-5)
     assert score.bits_per_byte == pytest.approx(nats / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
+
+
+def test_cap_tokens_shares_the_budget_and_cuts_at_token_starts(tokenizer):
+    """Short documents stay whole, the long ones get an equal share, cut texts are prefixes holding at most that
+    share; a budget the corpus fits in changes nothing; more texts than tokens keeps the first ones."""
+    texts = [TEXTS[0], TEXTS[3] * 6, TEXTS[2] * 9, TEXTS[1] * 4]
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    assert cap_tokens(tokenizer, texts, sum(lengths)) == texts
+    budget = lengths[0] + 3 * 30
+    assert min(lengths[1:]) > 30                                  # so the share is exactly 30
+    cut = cap_tokens(tokenizer, texts, budget)
+    assert cut[0] == texts[0]
+    for text, part in zip(texts[1:], cut[1:]):
+        assert text.startswith(part) and 27 <= len(tokenizer.encode(part)) <= 30
+    assert sum(len(tokenizer.encode(t)) for t in cut) <= budget
+    two = cap_tokens(tokenizer, texts, 2)
+    assert len(two) == 2 and all(t.startswith(p) and len(tokenizer.encode(p)) == 1 for t, p in zip(texts, two))
 
 
 def test_loss_by_position(tmp_path, tokenizer):

@@ -13,17 +13,15 @@ from inference import Decoder, TextStream, generate_text, pad_left
 from models import HybridConfig, Mamba2Config, MambaConfig, MambaLanguageModel, build_model
 from models.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 from training.checkpoint import write_atomic_dir
-from utils.tokenizer import Tokenizer
-from tests.helpers import randomize_parameters
+from tests.helpers import SAMPLE_TEXTS, randomize_parameters, sample_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model reads text one token at a time.",
-         "def add(a, b):\n    return a + b\n", "Grüße aus Köln — naïve café, 東京 ✓."] * 4
+TEXTS = SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train(TEXTS, 300)
+    return sample_tokenizer()
 
 
 def make_model(vocab_size, seed=0, **overrides):

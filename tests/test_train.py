@@ -270,9 +270,12 @@ def test_ddp_gloo_two_processes(corpus, tmp_path):
     """torchrun with 2 CPU processes (gloo): trains, rank 0 checkpoints both ranks' data positions."""
     out = tmp_path / "ddp"
     # prepare the shards once in this process so both ranks only read them
+    # with a second corpus scored at each evaluation: its documents shared out between the ranks, no deadlock
     proc = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513", "train.py",
-                 *args(corpus, out, "--max_steps", "3", "--device", "cpu")], timeout=240)
+                 *args(corpus, out, "--max_steps", "3", "--device", "cpu", "--eval_data", str(corpus / "docs"),
+                       "--eval_tokens", "400")], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s for s, _ in rows(out, "eval_bits_per_byte")] == [3] and math.isfinite(rows(out, "eval_loss")[0][1])
     state = ck.load_training_state(ck.find_latest_checkpoint(out))
     assert state["step"] == 3 and state["world_size"] == 2 and len(state["sampler"]) == 2
     assert state["sampler"][0] != state["sampler"][1]          # each rank draws its own data

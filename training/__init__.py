@@ -10,6 +10,7 @@
     precision.py   device, autocast dtype and GradScaler
     memory.py      the peak-memory estimate and the fit check
     checkpoint.py  atomic checkpoint folders, finding and loading them
+    extra_eval.py  at each evaluation: a second corpus (eval_data) and harness tasks (eval_tasks)
     metrics.py     metrics.jsonl, loss.png, optional wandb / tensorboard
     distributed.py DDP under torchrun
 """

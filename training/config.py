@@ -81,8 +81,12 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0                 # max global grad norm; 0 = no clipping
     # --- evaluation, logging, checkpoints
-    eval_interval: int = 250               # evaluate on the validation split every N steps (and at the end)
+    eval_interval: int = 250               # evaluate every N steps (and at the end): the validation split, and eval_data / eval_tasks when given
     eval_batches: int = 20                 # micro-batches per evaluation
+    eval_data: str | None = None           # a second corpus scored at each evaluation (loss, perplexity, bits per byte, as evaluate.py): a folder or file, builtin, or hf:NAME_OR_PATH (its text_field)
+    eval_tokens: int = 32768               # tokens of eval_data scored per evaluation at most (long documents cut to an equal share)
+    eval_tasks: str | None = None          # lm-evaluation-harness tasks run at each evaluation, comma-separated (pip install lm-eval; evaluation/tasks/ included)
+    eval_task_limit: int = 500             # examples per eval_tasks task at each evaluation; 0 = all of them
     log_interval: int = 10                 # a metrics.jsonl row every N steps
     checkpoint_interval: int = 500         # a step_XXXXXX checkpoint every N steps (and at the end)
     keep_last: int = 2                     # complete step checkpoints kept (>= 2), besides best/
@@ -119,10 +123,11 @@ class TrainConfig:
         if self.pattern is not None:
             _check_pattern(self.family, self.pattern)
         for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "eval_interval",
-                    "eval_batches", "log_interval", "checkpoint_interval", "max_nonfinite_steps", "vocab_size"):
+                    "eval_batches", "eval_tokens", "log_interval", "checkpoint_interval", "max_nonfinite_steps",
+                    "vocab_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        for key in ("warmup_steps", "seed"):
+        for key in ("warmup_steps", "seed", "eval_task_limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.keep_last < 2:
@@ -145,6 +150,11 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
         if self.data_dir is not None and self.hf_dataset is not None:
             raise ConfigError("give data_dir or hf_dataset, not both")
+        if self.eval_data is not None and not self.eval_data.strip():
+            raise ConfigError("eval_data is empty; give a folder or file of documents, builtin, or hf:NAME_OR_PATH")
+        if self.eval_tasks is not None and not eval_task_names(self.eval_tasks):
+            raise ConfigError("eval_tasks is empty; give comma-separated harness task names, e.g. "
+                              "lambada_openai,hellaswag")
         self._validate_finetune()
         return self
 
@@ -174,6 +184,11 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.dpo_beta > 0:
             raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+
+
+def eval_task_names(eval_tasks: str | None) -> list[str]:
+    """The task names of an eval_tasks value ("a, b" -> ["a", "b"]); [] for None."""
+    return [t.strip() for t in (eval_tasks or "").split(",") if t.strip()]
 
 
 def _model_sizes() -> tuple[str, ...]:

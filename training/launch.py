@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import extra_eval as extra
 from . import finetune
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
@@ -123,6 +124,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
     torch.manual_seed(cfg.seed)
+    eval_sources = extra.read_sources(cfg, show_progress=dist.is_main and cfg.progress)   # bad input: before work
 
     # -- run directory (rank 0 names it; the others follow)
     if resume_from is not None:
@@ -236,9 +238,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         raise ConfigError(f"--resume: {err}") from None
     objective = None if cfg.task == "lm" else \
         finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
+    extra_eval = None if eval_sources is None else \
+        extra.ExtraEvaluation(eval_sources, tokenizer, cfg.eval_tokens, cfg.micro_batch_size, cfg.eval_task_limit)
     try:
         trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
-                          log=log, objective=objective, save_weights=save_weights)
+                          log=log, objective=objective, save_weights=save_weights, extra_eval=extra_eval)
     except OSError as err:      # the run directory cannot be created or written
         raise ConfigError(f"cannot write to the run directory {str(run_dir)!r} ({err.strerror or err}); choose "
                           f"a writable --out_dir or --run_name") from None
@@ -263,7 +267,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         f"memory       estimated peak {est.describe()}" + (f"; budget {cfg.vram}" if device.type == "cuda" else ""),
         f"schedule     {cfg.task} task, {cfg.training} preset: lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.max_steps} steps "
         f"({cfg.max_steps * cfg.tokens_per_step * world:,} tokens), eval every {cfg.eval_interval}",
-    ] + ([describe_passes(cfg, len(data.train_tokens), world)] if cfg.task == "lm" else [])))
+    ] + ([describe_passes(cfg, len(data.train_tokens), world)] if cfg.task == "lm" else [])
+      + (extra_eval.describe() if extra_eval is not None else [])))
     return trainer
 
 

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per line:
     train rows: {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "skipped"}
-    eval rows:  {"step", "tokens", "val_loss", "val_ppl", "best_val_loss"}
+    eval rows:  {"step", "tokens", "val_loss", "val_ppl", "best_val_loss"}, and with eval_data / eval_tasks
+                {"eval_loss", "eval_ppl", "eval_bits_per_byte", "<task>/<metric>"} (training/extra_eval.py)
 A resumed run first drops the rows after its checkpoint's step, so the file reads as one continuous run.
 A write that fails (full disk, a folder made read-only) is reported once and training goes on.
 """
@@ -65,19 +66,40 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
 
     def plot(self) -> Path:
-        """Write loss.png: train loss per logged step and validation loss per eval."""
-        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r and math.isfinite(r["loss"])]
-        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        """Write loss.png: train loss per logged step and validation loss per eval; eval_data's bits per byte on
+        an axis of its own (right), and the harness tasks' fractions (accuracies) in a panel below, when the run has
+        them."""
+        train = self._series("loss")
+        val = self._series("val_loss")
+        bpb = self._series("eval_bits_per_byte")
+        # task metrics that are fractions (accuracies, exact match) share a panel; a perplexity has no place on it
+        task_keys = sorted(k for k in {k for r in self.rows for k in r if "/" in k}
+                           if all(0 <= v <= 1 for _, v in self._series(k)))
+        fig, axes = plt.subplots(2 if task_keys else 1, 1, figsize=(7, 6.5 if task_keys else 4), sharex=True,
+                                 squeeze=False, height_ratios=[2, 1] if task_keys else None)
+        ax = axes[0, 0]
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1)
         if val:
             ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
-        ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.run_dir.name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles, labels = ax.get_legend_handles_labels()
+        if bpb:     # another unit (bits per byte of another corpus): its own axis, not the loss's
+            right = ax.twinx()
+            line, = right.plot(*zip(*bpb), "s--", color="tab:green", label="eval_data bits per byte", linewidth=1.2)
+            right.set_ylabel("eval_data bits per byte")
+            handles, labels = handles + [line], labels + [line.get_label()]
+        ax.legend(handles, labels)
+        if task_keys:
+            tasks_ax = axes[1, 0]
+            for key in task_keys:
+                tasks_ax.plot(*zip(*self._series(key)), "o-", label=key, linewidth=1)
+            tasks_ax.set_ylabel("harness tasks")
+            tasks_ax.grid(alpha=0.3)
+            tasks_ax.legend(fontsize=8)
+        axes[-1, 0].set_xlabel("optimizer step")
         fig.tight_layout()
         out = self.run_dir / "loss.png"
         tmp = self.run_dir / ".loss.png.tmp"
@@ -89,6 +111,11 @@ class MetricsLogger:
         finally:
             plt.close(fig)
         return out
+
+    def _series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every row with a finite `key`."""
+        return [(r["step"], r[key]) for r in self.rows
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
     def _report(self, path: Path, err: OSError) -> None:
         if path.name not in self._failed:

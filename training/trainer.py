@@ -52,11 +52,12 @@ class Trainer:
         objective: what a step optimises (training.objectives); None = next-token LM on `data`
         save_weights: save_weights(folder) writes the weights of a checkpoint; None = model.save_pretrained
             (a LoRA run writes its adapter instead)
+        extra_eval: training.extra_eval.ExtraEvaluation (eval_data, eval_tasks) run at each evaluation, or None
     """
 
     def __init__(self, cfg: TrainConfig, model, tokenizer, data, device: torch.device, precision: Precision,
                  dist: DistInfo, run_dir: Path, resume_state: dict | None = None, log=print, objective=None,
-                 save_weights=None):
+                 save_weights=None, extra_eval=None):
         from .objectives import LMObjective
 
         self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
@@ -91,6 +92,7 @@ class Trainer:
         self.stopper = GracefulStop(log=self.log)   # SIGTERM / SIGINT: finish the step, save, stop
         self.stop_everywhere = False                # some rank was signalled (summed with the step's loss)
         self.can_evaluate = objective.can_evaluate()
+        self.extra_eval = extra_eval
         if resume_state is not None:
             self.load_state(resume_state)
         self.captured, self.step_kind = self._choose_step()
@@ -269,18 +271,20 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------------------------
 
     def evaluate(self) -> float:
-        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks).
+        """Mean validation loss over cfg.eval_batches deterministic batches (split across ranks)."""
+        return self._beside_graphs(self._evaluate)
 
-        Beside captured graphs, whose memory pool stays reserved, evaluation needs its own memory: if that runs
-        out, the graphs are dropped (one line says so) and the evaluation is redone."""
+    def _beside_graphs(self, evaluation):
+        """evaluation()'s result. Beside captured graphs, whose memory pool stays reserved, an evaluation needs its
+        own memory: if that runs out, the graphs are dropped (one line says so) and the evaluation is redone."""
         if self.captured is None or not self.captured.captured:
-            return self._evaluate()
+            return evaluation()
         try:
-            return self._evaluate()
+            return evaluation()
         except torch.OutOfMemoryError:
             pass    # handled outside the except block, whose traceback still holds the failed pass
         self._stop_capturing("evaluation ran out of GPU memory beside the graphs' memory")
-        return self._evaluate()
+        return evaluation()
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -299,6 +303,31 @@ class Trainer:
         if total[1] == 0:
             return math.nan
         return (total[0] / total[1]).item()
+
+    def _evaluate_and_report(self, bar) -> bool:
+        """The validation loss and the extra evaluations (eval_data, eval_tasks), in one metrics.jsonl row and one
+        log line. Returns whether the validation loss is a new best."""
+        row, new_best = {"step": self.step, "tokens": self.tokens_seen}, False
+        if self.can_evaluate:
+            val_loss = self.evaluate()
+            new_best = val_loss < self.best_val_loss
+            if new_best:
+                self.best_val_loss = val_loss
+            row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)), best_val_loss=self.best_val_loss)
+        if self.extra_eval is not None:
+            row.update(self._beside_graphs(lambda: self.extra_eval.run(self.raw_model, self.dist)))
+        if len(row) == 2:
+            return False        # no validation split and nothing else to evaluate
+        if self.metrics is not None:
+            self.metrics.log(row)
+            self.metrics.plot()
+        if self.dist.is_main and self.cfg.progress:
+            parts = [f"val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.1f})"
+                     f"{' new best' if new_best else ''}"] if self.can_evaluate else []
+            if self.extra_eval is not None:
+                parts.append(self.extra_eval.summary(row))
+            bar.write(f"step {self.step}: " + "; ".join(parts))
+        return new_best
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -375,19 +404,8 @@ class Trainer:
                         f"--precision bf16/fp32.")
 
                 new_best = False
-                if self.can_evaluate and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
-                    val_loss = self.evaluate()
-                    new_best = val_loss < self.best_val_loss
-                    if new_best:
-                        self.best_val_loss = val_loss
-                    if self.metrics is not None:
-                        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                                          "val_ppl": math.exp(min(val_loss, 700)),
-                                          "best_val_loss": self.best_val_loss})
-                        self.metrics.plot()
-                    if self.dist.is_main and cfg.progress:
-                        bar.write(f"step {self.step}: val_loss {val_loss:.4f} "
-                                  f"(ppl {math.exp(min(val_loss, 700)):.1f}){' new best' if new_best else ''}")
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    new_best = self._evaluate_and_report(bar)
                 save_step = self.step % cfg.checkpoint_interval == 0 or self.step == end
                 if save_step or new_best:
                     self.save(best=new_best, write_step=save_step, final=self.step == end)
