@@ -18,7 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from utils import cpu_threads
+
+cpu_threads.configure()             # before torch is imported: threads that sleep when idle, no more than the CPUs
+
+import torch  # noqa: E402
 
 from evaluation.corpus import read_corpus
 from evaluation.harness import HarnessAdapter, HarnessMissing, import_lm_eval, run_tasks
