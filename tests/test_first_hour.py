@@ -338,7 +338,8 @@ def test_peft_opens_a_chat_adapter_after_the_base_embedding_is_grown(tmp_path, c
 
     hf_tok = AutoTokenizer.from_pretrained(adapter)
     base = MambaForCausalLM.from_pretrained(tmp_path / "base")
-    old = base.get_input_embeddings().weight.shape[0]
+    old = len(AutoTokenizer.from_pretrained(tmp_path / "base"))
+    assert old == base.get_input_embeddings().weight.shape[0] == tok.vocab_size
     base.resize_token_embeddings(len(hf_tok), pad_to_multiple_of=8, mean_resizing=False)
     with torch.no_grad():
         rows = base.get_input_embeddings().weight
