@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help='"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"')
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 

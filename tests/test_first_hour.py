@@ -174,7 +174,7 @@ def test_a_stop_in_the_first_step_leaves_no_run_folder(corpus, tmp_path, monkeyp
 
     monkeypatch.setattr(launch, "setup", signalled_setup)
     assert main(args(corpus, out, "--max_steps", "3")) == 130
-    assert "first step had not finished, so there is nothing to save" in capsys.readouterr().err
+    assert "SIGINT: stopped during the first step, before anything was trained" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -218,15 +218,13 @@ def test_generate_names_the_damaged_file_when_no_checkpoint_is_intact(corpus, tm
 
 # -- item 12: loss.png without evaluation ------------------------------------------------------------------------------
 
-def test_a_run_without_evaluation_still_writes_the_loss_plot(corpus, tmp_path, capsys):
-    import training.trainer as trainer_mod
+def test_a_run_without_evaluation_still_writes_the_loss_plot(corpus, tmp_path):
+    from training.launch import setup
     out = tmp_path / "run"
-    trainer = __import__("training.launch", fromlist=["setup"]).setup(
-        parse_args(args(corpus, out, "--max_steps", "2"))[0])
+    trainer = setup(parse_args(args(corpus, out, "--max_steps", "2"))[0])
     trainer.can_evaluate = False          # what a fine-tuning run too small for a validation share does
     trainer.train()
-    assert (out / "loss.png").stat().st_size > 0
-    assert trainer_mod.Trainer is type(trainer)
+    assert (out / "loss.png").stat().st_size > 1000
 
 
 # -- item 13: flag spellings; --no-progress hides only the bar ---------------------------------------------------------

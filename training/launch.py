@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -396,8 +397,8 @@ def main(argv=None) -> int:
         if stop.checkpoint is None:
             remove_unused_run_dir(trainer)
             if trainer.dist.is_main:
-                print(f"\n{stop}: the first step had not finished, so there is nothing to save; start again with "
-                      f"the same command", file=sys.stderr, flush=True)
+                print(f"\n{signal.Signals(stop.signum).name}: stopped during the first step, before anything was "
+                      f"trained: nothing to save; start again with the same command", file=sys.stderr, flush=True)
         elif trainer.dist.is_main:
             print(f"\n{stop}: checkpoint {stop.checkpoint}\ncontinue exactly where it stopped with:  "
                   f"python train.py --resume {trainer.run_dir}", file=sys.stderr, flush=True)
