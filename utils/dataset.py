@@ -8,6 +8,7 @@ Both cut documents into the same pieces (corpus.split_pieces) and encode them in
 """
 import ctypes
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -263,22 +264,28 @@ def _prepared_key(source, identity: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", source.label())[:40] + "-" + digest
 
 
-def _prepared_by_trained_bpe(cache_dir: Path, source, identity: dict, tokenizer: Tokenizer) -> Path | None:
-    """The folder where this corpus was prepared with a BPE trained on it, if that BPE is `tokenizer` (same content)
-    and the folder is up to date: the tokens there are the ones `tokenizer` gives."""
-    key = _prepared_key(source, {**identity, "tokenizer": _tokenizer_identity(None, tokenizer.vocab_size)})
-    folder = cache_dir / key
-    if not (folder / "manifest.json").is_file():
-        return None
-    with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            made_by = read_json(folder / "manifest.json")["tokenizer"]
-        except (OSError, ValueError, KeyError):
-            return None
-        if made_by.get("sha256") != tokenizer.fingerprint() or made_by.get("eot_token") != tokenizer.eot_token:
-            return None
-        return folder if _stale_reason(folder, source) is None else None
+def _prepared_with_same_tokenizer(cache_dir: Path, source, identity: dict, tokenizer: Tokenizer) -> Path | None:
+    """An up-to-date folder where this corpus was prepared with a tokenizer of the same content as `tokenizer`
+    under another key: the BPE a first run trained (keyed by its requested size) is the tokenizer its checkpoints
+    carry, so --resume and --init_from find the tokens it made."""
+    label = _prepared_key(source, identity).rsplit("-", 1)[0]
+    for folder in sorted(cache_dir.glob(f"{glob.escape(label)}-*")):
+        if not re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", folder.name) \
+                or not (folder / "manifest.json").is_file():
+            continue        # not a prepared folder (a lock file, one being written or replaced)
+        with open(cache_dir / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                manifest = read_json(folder / "manifest.json")
+                made_by, same_rest = manifest["tokenizer"], manifest["identity"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if ({**same_rest, "tokenizer": None} == {**identity, "tokenizer": None}
+                    and made_by.get("sha256") == tokenizer.fingerprint()
+                    and made_by.get("eot_token") == tokenizer.eot_token
+                    and _stale_reason(folder, source) is None):
+                return folder
+    return None
 
 
 def _even_selection(total: int, budget: int) -> Callable[[int], bool]:
@@ -375,7 +382,7 @@ def prepare_dataset(data_dir: str | Path | None = None, hf_dataset: str | None =
     out_dir = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and not force and not (out_dir / "manifest.json").is_file():
-        twin = _prepared_by_trained_bpe(cache_dir, source, identity, tokenizer)
+        twin = _prepared_with_same_tokenizer(cache_dir, source, identity, tokenizer)
         if twin is not None:
             log(f"Reusing prepared data in {twin} (corpus unchanged, prepared with this same tokenizer)")
             return _load(twin, reused=True)
