@@ -18,7 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from utils import cpu_threads
+
+cpu_threads.configure()             # before torch is imported: threads that sleep when idle, no more than the CPUs
+
+import torch  # noqa: E402
 
 from evaluation.corpus import read_corpus
 from evaluation.harness import HarnessAdapter, HarnessMissing, import_lm_eval, run_tasks
@@ -79,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help='"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"')
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 

@@ -19,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from utils import cpu_threads
+
+cpu_threads.configure()             # before torch is imported: threads that sleep when idle, no more than the CPUs
+
+import torch  # noqa: E402
 from tqdm import tqdm
 
 from inference import Decoder, generate_text
@@ -108,7 +112,15 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
         return [args.prompt]
     if sys.stdin.isatty():
         return None
-    return [sys.stdin.read()]
+    return [without_final_newline(sys.stdin.read())]
+
+
+def without_final_newline(text: str) -> str:
+    """A piped prompt (`echo "def f(" | python generate.py`) without the one newline the shell added at its end."""
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
 
 
 class Session:

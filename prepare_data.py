@@ -9,8 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from configs.model_sizes import DEFAULT_VOCAB_SIZE
-from utils.cli import positive_int
+from utils import cpu_threads
+
+cpu_threads.configure()             # before torch is imported: threads that sleep when idle, no more than the CPUs
+
+from configs.vram import VRAM_CHOICES  # noqa: E402
+from utils.cli import positive_int  # noqa: E402
 from utils.dataset import DEFAULT_VAL_FRACTION, prepare_dataset
 from utils.errors import DataError
 from utils.stats import stats_json, summary
@@ -26,6 +30,18 @@ def fraction(text: str) -> float:
     return value
 
 
+def train_defaults(vram: str) -> tuple[int, int]:
+    """(vocab_size, seq_len) that `train.py --vram VRAM` uses on this machine, resolved by the same code, so that the
+    data prepared here is the data the run reuses."""
+    import torch
+
+    from training.config import resolve_config
+    gpu = torch.cuda.is_available()
+    cfg = resolve_config({"vram": vram}, device_type="cuda" if gpu else "cpu",
+                         total_memory_bytes=torch.cuda.get_device_properties(0).total_memory if gpu else None)
+    return cfg.vocab_size, cfg.seq_len
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("corpus (default: the built-in corpus, no download)")
@@ -38,9 +54,13 @@ def main(argv=None) -> int:
     tok.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="an HF tokenizer: folder, tokenizer.json, "
                      "or hub name (local cache first)")
     tok.add_argument("--vocab_size", type=positive_int, default=None,
-                     help=f"vocabulary of the trained BPE (default {DEFAULT_VOCAB_SIZE})")
-    p.add_argument("--seq_len", type=positive_int, default=256, help="sequence length, for the statistics "
-                   "(default 256)")
+                     help="vocabulary of the trained BPE (default: train.py's for --vram: 4096 on the CPU, "
+                          "16384 on a GPU)")
+    p.add_argument("--vram", choices=("auto", "cpu") + VRAM_CHOICES, default="auto",
+                   help="the train.py preset whose vocabulary and sequence length are the defaults here "
+                        "(default auto: the CPU preset without a GPU)")
+    p.add_argument("--seq_len", type=positive_int, default=None, help="sequence length, for the statistics "
+                   "(default: train.py's for --vram)")
     p.add_argument("--val_fraction", type=fraction, default=DEFAULT_VAL_FRACTION,
                    help=f"share of tokens held out for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--cache_dir", default="cache/prepared", help="where prepared data goes (default cache/prepared)")
@@ -49,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="prepare again even if the corpus is unchanged")
     p.add_argument("--show_stats", action="store_true", help="print a summary of what was read and skipped")
     p.add_argument("--stats_json", metavar="PATH", help="write the per-file statistics as JSON")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
+                   help="no progress bars")
     args = p.parse_args(argv)
 
     if args.tokenizer and args.vocab_size:
@@ -61,9 +82,12 @@ def main(argv=None) -> int:
                 "--data_dir out to use the built-in corpus)")
     if args.stats_json and Path(args.stats_json).is_dir():
         p.error(f"--stats_json {args.stats_json!r} is a folder; give a file path")
+    vocab_size, seq_len = train_defaults(args.vram)
+    args.vocab_size = args.vocab_size or vocab_size
+    args.seq_len = args.seq_len or seq_len
     try:
         data = prepare_dataset(data_dir=args.data_dir, hf_dataset=args.hf_dataset, text_field=args.text_field,
-                               tokenizer=args.tokenizer, vocab_size=args.vocab_size or DEFAULT_VOCAB_SIZE,
+                               tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                                val_fraction=args.val_fraction, cache_dir=args.cache_dir,
                                streaming={"auto": None, "on": True, "off": False}[args.streaming],
                                show_progress=not args.no_progress, force=args.force)

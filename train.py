@@ -10,7 +10,11 @@ Every setting is a flag (python train.py --help); see README.md, sections usage 
 """
 import sys
 
-from training.launch import main
+from utils import cpu_threads
+
+cpu_threads.configure()             # before torch is imported: threads that sleep when idle, no more than the CPUs
+
+from training.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ run on, and the model + tokenizer of the newest complete checkpoint at a path, w
 UsageError (one line for the user, exit code 2) instead of a traceback."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -66,12 +67,19 @@ def load_for_inference(checkpoint: str | Path, device: torch.device, dtype: torc
         UsageError with one line saying what is wrong and what to do
     """
     path = Path(checkpoint)
+    skipped = []      # what find_latest_checkpoint passed over, said once here instead of as loose warnings
     try:
-        ckpt = find_latest_checkpoint(path, for_inference=True)
+        ckpt = find_latest_checkpoint(path, log=skipped.append, for_inference=True)
     except FileNotFoundError as err:
         raise UsageError(f"{err}: train a model with `python train.py`, or pass --checkpoint DIR") from None
     except ValueError as err:   # a step folder without its COMPLETE marker, or a damaged one (CheckpointDamaged)
         raise UsageError(str(err)) from None
+    # "warning: skipping the damaged checkpoint DIR: FILE: why" -> "FILE: why"
+    damaged = [m.split(": ", 2)[-1] for m in skipped if m.startswith("warning: skipping the damaged")]
+    if ckpt is None and damaged:
+        raise UsageError(f"no intact checkpoint in {str(path)!r}: " + "; ".join(damaged))
+    for message in skipped:
+        print(message, file=sys.stderr)
     if ckpt is None:
         raise UsageError(f"no checkpoint found in {str(path)!r}: looked for step_*/ or best/ folders with a COMPLETE "
                          f"marker (in it or in run folders inside it) and for config.json + model weights; "

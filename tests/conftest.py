@@ -3,7 +3,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# before torch loads OpenMP: idle threads sleep instead of spinning (utils/cpu_threads.py; on a loaded 2-core machine
+# spinning made a tiny training step ~10x slower)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -9,6 +9,7 @@
     optim.py       AdamW parameter groups and the warmup + cosine schedule
     precision.py   device, autocast dtype and GradScaler
     memory.py      the peak-memory estimate and the fit check
+    step_cost.py   what a step would cost on this CPU (a GPU preset asked for without a GPU is refused with it)
     checkpoint.py  atomic checkpoint folders, finding and loading them
     extra_eval.py  at each evaluation: a second corpus (eval_data) and harness tasks (eval_tasks)
     metrics.py     metrics.jsonl, loss.png, optional wandb / tensorboard

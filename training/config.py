@@ -100,7 +100,8 @@ class TrainConfig:
     # --- optional loggers (only when installed)
     wandb: bool = False
     tensorboard: bool = False
-    progress: bool = True                  # the tqdm bar (off in tests and non-interactive logs if wished)
+    progress: bool = True                  # the tqdm bar; --no-progress hides only the bar, not the evaluation lines
+    allow_cpu: bool = False                # train a GPU --vram preset on the CPU anyway (otherwise refused with what a step would cost)
 
     @property
     def tokens_per_step(self) -> int:
@@ -268,6 +269,8 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a JSON object of settings, "
                           f"got {type(data).__name__}")
+    if isinstance(data.get("resume"), bool):     # "resume": true = the newest checkpoint, as --resume without a value
+        data["resume"] = "latest" if data["resume"] else None
     return {k: check_value(k, v, str(path)) for k, v in data.items()}
 
 
@@ -367,6 +370,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 "else under checkpoints/), or the one at this path")
         elif base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            # --no_progress as well as --no-progress: prepare_data.py and evaluate.py spell flags with "_"
+            p.add_argument(f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
         else:
             p.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=base.__name__.upper(), help=help_)
     return p

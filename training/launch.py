@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import extra_eval as extra
 from . import finetune
+from configs.vram import VRAM_CHOICES
+
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
 from .precision import resolve_device, resolve_precision
@@ -103,7 +107,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     # -- settings: a resumed run starts from its saved config
     resume_from = None
     base = None
-    if overrides.get("resume") or (config_file and "resume" in _peek(config_file)):
+    if overrides.get("resume") or (config_file and _peek(config_file).get("resume")):
         resume_from = _find_resume_checkpoint(overrides, config_file)
         try:
             base = ckpt.load_train_config(resume_from)
@@ -120,6 +124,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     cfg = resolve_config(overrides, config_file, device_type=device.type, total_memory_bytes=total_mem, base=base)
     if resume_from is not None:
         cfg.resume = str(resume_from)
+    if device.type == "cpu" and cfg.vram in VRAM_CHOICES and not cfg.allow_cpu:
+        raise ConfigError(gpu_preset_on_cpu(cfg, torch.cuda.is_available()))
     precision = resolve_precision(cfg.precision, device)
     if not dist.is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -132,7 +138,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     elif cfg.out_dir:
         run_dir = Path(cfg.out_dir)
     else:
-        name = cfg.run_name or f"{cfg.model_size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        family = "" if cfg.family == "mamba1" else f"{cfg.family}-"
+        name = cfg.run_name or f"{family}{cfg.model_size}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = CHECKPOINTS / name
     run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
     if resume_from is None and dist.is_main and ckpt.list_step_dirs(run_dir):
@@ -184,10 +191,14 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         data_line = f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} validation tokens"
 
     if cfg.task == "lm":    # passes over a token corpus (fine-tuning examples are counted by the objective)
-        user_keys = set(overrides) | (set(_peek(config_file)) if config_file else set())
+        user_keys = _user_keys(overrides, config_file)
         builtin = data.manifest.get("identity", {}).get("source", {}).get("kind") == "builtin"
         cfg = plan_passes(cfg, len(data.train_tokens), dist.world_size, builtin,
                           steps_given="max_steps" in user_keys or resume_from is not None, log=log)
+
+    warning = warmup_warning(cfg)
+    if warning:
+        log(warning)
 
     # -- the model
     try:
@@ -196,6 +207,8 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         if weights_dir is not None:
             found, _ = read_config(weights_dir, scan_backend=cfg.scan_backend)
             if cfg.init_from and found.family == expected.family:
+                if "model_size" in _user_keys(overrides, config_file):
+                    _check_init_size(expected, found, cfg)
                 expected = found              # fine-tuning: the loaded model's shape is the shape
             _check_shape(expected, found, f"checkpoint {str(weights_dir)!r}", cfg)
             model = load_pretrained(weights_dir, device="cpu", dtype=torch.float32, scan_backend=cfg.scan_backend,
@@ -249,7 +262,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
 
     world = dist.world_size
     log("\n".join([
-        f"run          {run_dir}" + (f"  (resuming {resume_from.name}, step {trainer.step})" if resume_from else ""),
+        f"run          {run_dir}" + (f"  (resuming step {trainer.step} from {resume_from})" if resume_from else ""),
         f"model        {model.config.family} {f'from {cfg.init_from}' if cfg.init_from else cfg.model_size}: "
         f"{n_params:,} parameters "
         f"(d_model {model.config.d_model}, "
@@ -270,6 +283,49 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     ] + ([describe_passes(cfg, len(data.train_tokens), world)] if cfg.task == "lm" else [])
       + (extra_eval.describe() if extra_eval is not None else [])))
     return trainer
+
+
+def _user_keys(overrides: dict, config_file: str | None) -> set:
+    """The settings the user gave (flags and the JSON file), as opposed to preset values."""
+    return set(overrides) | (set(_peek(config_file)) if config_file else set())
+
+
+def _check_init_size(asked, found, cfg: TrainConfig) -> None:
+    """--init_from takes its checkpoint's shape; an explicit --model_size of another shape is a contradiction."""
+    a, b = asked.shape_dict(), found.shape_dict()
+    diffs = [f"{k} {b[k]} (model_size {cfg.model_size!r}: {a[k]})" for k in a if k != "vocab_size" and a[k] != b[k]]
+    if diffs:
+        raise ConfigError(f"--init_from {cfg.init_from!r} is a model of another shape than --model_size "
+                          f"{cfg.model_size!r}: {', '.join(diffs)}. Fine-tuning keeps the checkpoint's shape: "
+                          f"leave out --model_size")
+
+
+def warmup_warning(cfg: TrainConfig) -> str | None:
+    """One line when the schedule never reaches its peak learning rate (a warmup as long as the run or longer)."""
+    if cfg.warmup_steps <= 1 or cfg.warmup_steps < cfg.max_steps:
+        return None
+    top = cfg.lr * cfg.max_steps / cfg.warmup_steps
+    return (f"warning: warmup_steps {cfg.warmup_steps:,} >= max_steps {cfg.max_steps:,}: the learning rate never "
+            f"reaches its peak {cfg.lr:g} (it ends at {top:.3g}, still warming up). Give --warmup_steps below "
+            f"--max_steps (e.g. {max(1, cfg.max_steps // 10):,})")
+
+
+def gpu_preset_on_cpu(cfg: TrainConfig, has_gpu: bool) -> str:
+    """The message refusing a GPU --vram preset on the CPU: what one step would cost here, and what to run."""
+    from configs.model_sizes import count_parameters, model_config
+    from .step_cost import describe_seconds, matmul_flops_per_s, step_seconds
+    n_params = count_parameters(model_config(cfg.model_size, vocab_size=cfg.vocab_size, family=cfg.family,
+                                             **pattern_override(cfg)))
+    rate = matmul_flops_per_s()
+    per_step = step_seconds(n_params, cfg.tokens_per_step, rate)
+    where = "--device cpu" if has_gpu else "no GPU found"
+    return (f"--vram {cfg.vram} is a GPU budget and this run is on the CPU ({where}): one optimizer step of "
+            f"{cfg.tokens_per_step:,} tokens for the {n_params / 1e6:.1f}M-parameter {cfg.model_size} model would "
+            f"take at least ~{describe_seconds(per_step)} here ({cfg.max_steps:,} steps: "
+            f"~{describe_seconds(per_step * cfg.max_steps)}; 6 x parameters x tokens at the "
+            f"{rate / 1e9:.0f} GFLOP/s this CPU's matrix products measured). On a CPU use --vram cpu "
+            f"(8 x 256 tokens per step; the tiny model unless --model_size), or add --allow_cpu to run this "
+            f"layout here anyway")
 
 
 def pattern_override(cfg: TrainConfig) -> dict:
@@ -311,6 +367,17 @@ def describe_passes(cfg: TrainConfig, train_tokens: int, world: int) -> str:
     return line
 
 
+def remove_unused_run_dir(trainer: Trainer | None) -> None:
+    """Remove the run directory this run created if it ends before its first step: an empty folder (or one with an
+    empty metrics.jsonl) would only look like a run. A folder that existed before is left alone."""
+    if trainer is None or not trainer.created_run_dir or trainer.step > 0 or not trainer.dist.is_main:
+        return
+    run_dir = trainer.run_dir
+    if not run_dir.is_dir() or ckpt.list_step_dirs(run_dir) or (run_dir / ckpt.BEST).exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _peek(config_file: str) -> dict:
     from .config import load_config_file
     return load_config_file(config_file)
@@ -324,22 +391,31 @@ def main(argv=None) -> int:
         trainer = setup(overrides, config_file)
         summary = trainer.train()
     except ConfigError as err:
+        remove_unused_run_dir(trainer)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
+        remove_unused_run_dir(trainer)
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
     except StopRequested as stop:
-        if trainer.dist.is_main:
+        if stop.checkpoint is None:
+            remove_unused_run_dir(trainer)
+            if trainer.dist.is_main:
+                print(f"\n{signal.Signals(stop.signum).name}: stopped during the first step, before anything was "
+                      f"trained: nothing to save; start again with the same command", file=sys.stderr, flush=True)
+        elif trainer.dist.is_main:
             print(f"\n{stop}: checkpoint {stop.checkpoint}\ncontinue exactly where it stopped with:  "
                   f"python train.py --resume {trainer.run_dir}", file=sys.stderr, flush=True)
         return 128 + stop.signum
     except (KeyboardInterrupt, StopNow) as err:
+        remove_unused_run_dir(trainer)
         code = 128 + err.signum if isinstance(err, StopNow) else 130
         what = f"{err}: stopped at once" if isinstance(err, StopNow) else "interrupted"
         where = ""
         if trainer is not None:
-            prev = ckpt.find_latest_checkpoint(trainer.run_dir, log=lambda m: None)
+            prev = ckpt.find_latest_checkpoint(trainer.run_dir, log=lambda m: None) \
+                if trainer.run_dir.is_dir() else None
             where = (f"; the newest complete checkpoint ({prev}) is intact; continue with:  python train.py "
                      f"--resume {trainer.run_dir}" if prev else "; no checkpoint had been written yet")
         print(f"\n{what}{where}", file=sys.stderr, flush=True)

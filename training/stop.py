@@ -1,7 +1,8 @@
 """Graceful stop on SIGTERM (schedulers, spot instances) and SIGINT (Ctrl-C).
 
-The first signal only raises a flag: the trainer finishes the optimizer step it is in, writes a checkpoint of
-it and ends with exit code 128 + the signal number (143 for SIGTERM, 130 for SIGINT). A second signal does not
+The first signal only raises a flag: the trainer stops after the micro-batch it is in (dropping the unfinished
+optimizer step; under DDP or CUDA graphs it finishes the step), writes a checkpoint of the last finished step and
+ends with exit code 128 + the signal number (143 for SIGTERM, 130 for SIGINT). A second signal does not
 wait: it raises StopNow at once, which abandons a save in progress (writes are atomic, so the previous
 checkpoint stays as it was). Under DDP the flag is summed across ranks with the step's loss (no extra
 collective), so every rank stops after the same step.
@@ -50,8 +51,9 @@ class GracefulStop:
         if self.signum is not None:
             raise StopNow(signum)
         self.signum = signum
-        self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-                 f"(send it again to stop at once; the previous checkpoint stays intact)")
+        self.log(f"\n{signal.Signals(signum).name} received: stopping after this micro-batch (after this step "
+                 f"under DDP or CUDA graphs) and saving a checkpoint of the last finished step (send it again to "
+                 f"stop at once; the previous checkpoint stays intact)")
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

@@ -36,6 +36,11 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (a run of non-finite steps, out of memory at micro-batch 1); the message says why."""
 
 
+class StepAbandoned(Exception):
+    """A stop signal arrived between two micro-batches of an eager, single-process step: the step is dropped
+    (gradients, data position and RNG back to its start) so that the stop need not wait for a long step."""
+
+
 class Trainer:
     """Trains `model` on `data` as `cfg` says; writes checkpoints and metrics to `run_dir` (rank 0).
 
@@ -63,6 +68,7 @@ class Trainer:
         self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
         self.device, self.precision, self.dist = device, precision, dist
         self.run_dir = Path(run_dir)
+        self.created_run_dir = not self.run_dir.exists()   # so a run that ends before its first step leaves none
         self.log = log if dist.is_main else (lambda *a, **k: None)
 
         self.raw_model = model.to(device)
@@ -185,6 +191,8 @@ class Trainer:
             loss_sum += loss.detach().float() / total
             for k, v in extra.items():
                 metrics[k] = metrics.get(k, 0.0) + v.detach().float() / total
+            if not last and self.stopper.requested and self.captured is None and not self.dist.enabled:
+                raise StepAbandoned     # DDP ranks (and a graph replay) can only stop together, at a step's end
         self.step_metrics = metrics
         return loss_sum
 
@@ -210,7 +218,22 @@ class Trainer:
         return loss_value, norm_value, math.isfinite(loss_value) and math.isfinite(norm_value)
 
     def train_step(self, lr: float) -> tuple[float, float, bool]:
-        """One optimizer step at learning rate `lr`. Returns (loss, grad_norm, finite)."""
+        """One optimizer step at learning rate `lr`. Returns (loss, grad_norm, finite).
+
+        Raises StepAbandoned (nothing of the step kept) when a stop signal arrives between its micro-batches."""
+        from .checkpoint import capture_rng_state, restore_rng_state
+        if self.captured is not None or self.dist.enabled:     # these steps stop only at their end
+            return self._train_step(lr)
+        start = (self.sampler.state_dict(), capture_rng_state())
+        try:
+            return self._train_step(lr)
+        except StepAbandoned:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sampler.load_state_dict(start[0])
+            restore_rng_state(start[1])
+            raise
+
+    def _train_step(self, lr: float) -> tuple[float, float, bool]:
         batches = [self.objective.next_batch() for _ in range(self.cfg.grad_accum_steps)]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -321,12 +344,15 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log(row)
             self.metrics.plot()
+        parts = [f"val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.1f})"
+                 f"{' new best' if new_best else ''}"] if self.can_evaluate else []
+        if self.extra_eval is not None:
+            parts.append(self.extra_eval.summary(row))
+        line = f"step {self.step}: " + "; ".join(parts)
         if self.dist.is_main and self.cfg.progress:
-            parts = [f"val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):.1f})"
-                     f"{' new best' if new_best else ''}"] if self.can_evaluate else []
-            if self.extra_eval is not None:
-                parts.append(self.extra_eval.summary(row))
-            bar.write(f"step {self.step}: " + "; ".join(parts))
+            bar.write(line)
+        else:
+            self.log(line)      # --no-progress hides the bar, not the run's figures
         return new_best
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -348,8 +374,11 @@ class Trainer:
         dist_utils.barrier()
 
     def _stop(self, saved: bool, bar) -> None:
-        """A signal arrived during this step: make sure a checkpoint of it exists, then raise StopRequested."""
+        """A signal arrived during this step: make sure a checkpoint of it exists, then raise StopRequested.
+        Stopped before the first step of a new run finished, there is nothing to save (checkpoint None)."""
         bar.close()
+        if self.step == 0:
+            raise StopRequested(self.stopper.signum or 15, 0, None)
         if not saved:
             self.save(final=True)          # a failure here fails loudly (TrainingStopped)
         signum = self.stopper.signum or 15  # a rank that was not signalled itself stops as for SIGTERM
@@ -371,7 +400,10 @@ class Trainer:
             self.stopper.__enter__()
             while self.step < end:
                 lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-                loss, grad_norm, finite = self.train_step(lr)
+                try:
+                    loss, grad_norm, finite = self.train_step(lr)
+                except StepAbandoned:
+                    self._stop(ckpt.is_complete(self.run_dir / ckpt.step_dir_name(self.step)), bar)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
@@ -417,6 +449,8 @@ class Trainer:
             self.stopper.__exit__()
             bar.close()
             if self.metrics is not None:
+                if self.step > 0 and not self.can_evaluate:
+                    self.metrics.plot()     # loss.png of the training loss alone (no evaluation drew it)
                 self.metrics.close()
         return {"step": self.step, "loss": last_loss, "best_val_loss": self.best_val_loss,
                 "nonfinite_skipped": self.nonfinite_skipped, "tokens_seen": self.tokens_seen}

@@ -8,6 +8,7 @@ Both cut documents into the same pieces (corpus.split_pieces) and encode them in
 """
 import ctypes
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -72,6 +73,13 @@ class DirSource:
         self.walked: Walk = walk(self.root, suffixes=BUILTIN_SUFFIXES if builtin else None)
         self.total_bytes = sum(f.size for f in self.walked.files)
         self.progress_total, self.progress_unit = self.total_bytes, "B"
+
+    def describe_counts(self) -> str:
+        """The file counts as the statistics give them: found = to read + skipped without reading."""
+        files = [r for r in self.walked.skipped if r.type != "directory"]
+        found = len(self.walked.files) + len(files)
+        return (f"{found:,} files found, {len(self.walked.files):,} of them to read "
+                f"({self.total_bytes / 1e6:.1f} MB), {len(files):,} skipped without reading")
 
     def identity(self) -> dict:
         ident = {"kind": "builtin" if self.builtin else "dir", "path": str(self.root)}
@@ -243,16 +251,41 @@ def _is_empty_dir(root: Path) -> bool:
     return True
 
 
-def _tokenizer_identity(tokenizer, vocab_size: int):
-    if tokenizer is None:
+def _tokenizer_identity(tokenizer: Tokenizer | None, vocab_size: int) -> dict:
+    """What decides the tokens on the tokenizer's side: its content, never where it was loaded from (a run resumed
+    with the tokenizer saved in its checkpoint reuses the data prepared with the same tokenizer)."""
+    if tokenizer is None:       # a BPE to be trained on the corpus: the corpus and the size decide its content
         return {"bpe_vocab_size": vocab_size}
-    if isinstance(tokenizer, Tokenizer):
-        return {"sha256": tokenizer.fingerprint()}
-    path = Path(tokenizer).expanduser()
-    if path.exists():
-        file = path if path.is_file() else path / "tokenizer.json"
-        return {"path": str(path.absolute()), "sha256": file_checksum(file) if file.is_file() else None}
-    return {"name": str(tokenizer)}
+    return {"sha256": tokenizer.fingerprint(), "eot_token": tokenizer.eot_token}
+
+
+def _prepared_key(source, identity: dict) -> str:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source.label())[:40] + "-" + digest
+
+
+def _prepared_with_same_tokenizer(cache_dir: Path, source, identity: dict, tokenizer: Tokenizer) -> Path | None:
+    """An up-to-date folder where this corpus was prepared with a tokenizer of the same content as `tokenizer`
+    under another key: the BPE a first run trained (keyed by its requested size) is the tokenizer its checkpoints
+    carry, so --resume and --init_from find the tokens it made."""
+    label = _prepared_key(source, identity).rsplit("-", 1)[0]
+    for folder in sorted(cache_dir.glob(f"{glob.escape(label)}-*")):
+        if not re.fullmatch(re.escape(label) + r"-[0-9a-f]{16}", folder.name) \
+                or not (folder / "manifest.json").is_file():
+            continue        # not a prepared folder (a lock file, one being written or replaced)
+        with open(cache_dir / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                manifest = read_json(folder / "manifest.json")
+                made_by, same_rest = manifest["tokenizer"], manifest["identity"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if ({**same_rest, "tokenizer": None} == {**identity, "tokenizer": None}
+                    and made_by.get("sha256") == tokenizer.fingerprint()
+                    and made_by.get("eot_token") == tokenizer.eot_token
+                    and _stale_reason(folder, source) is None):
+                return folder
+    return None
 
 
 def _even_selection(total: int, budget: int) -> Callable[[int], bool]:
@@ -312,6 +345,8 @@ def prepare_dataset(data_dir: str | Path | None = None, hf_dataset: str | None =
                         f"got {val_fraction!r}")
     if tokenizer is None:
         check_vocab_size(vocab_size)
+    elif not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_pretrained(str(tokenizer))     # loaded first: its content keys the folder
     cache_dir = Path(cache_dir)
 
     # -- the source
@@ -326,28 +361,31 @@ def prepare_dataset(data_dir: str | Path | None = None, hf_dataset: str | None =
                 raise DataError(f"data_dir {str(data_dir)!r} does not exist; put your documents in a folder "
                                 "(e.g. data/) and pass it, or leave data_dir out to use the built-in corpus")
             if data_dir.is_dir() and _is_empty_dir(data_dir):
-                builtin = True
-                log(f"{data_dir}/ holds no documents.")
-            elif cache_dir.absolute().resolve().is_relative_to(data_dir.absolute().resolve()):
+                raise DataError(f"data_dir {str(data_dir)!r} holds no documents (placeholder and hidden files do not "
+                                "count); put your documents in it, or leave data_dir out to use the built-in corpus")
+            if cache_dir.absolute().resolve().is_relative_to(data_dir.absolute().resolve()):
                 raise DataError(f"cache_dir {str(cache_dir)!r} is inside data_dir {str(data_dir)!r}; prepared "
                                 "data must live outside your documents (the default cache/prepared does)")
         source = DirSource(builtin_corpus_root() if builtin else data_dir, builtin=builtin)
         if builtin:
             log(f"Using the built-in corpus: the Python standard library's own {'/'.join(BUILTIN_SUFFIXES)} files "
-                f"({source.root}, {len(source.walked.files)} files, {source.total_bytes / 1e6:.1f} MB; no download). "
-                "To train on your own documents put them in data/ (or pass --data_dir DIR, or --hf_dataset "
-                "NAME_OR_PATH); PDF, text, markup, source code, JSON/YAML/CSV/XML are all read.")
+                f"({source.root}: {source.describe_counts()}; no download). To train on your own documents pass "
+                "--data_dir DIR (or --hf_dataset NAME_OR_PATH); PDF, text, markup, source code, JSON/YAML/CSV/XML "
+                "are all read.")
         else:
-            log(f"Corpus: {source.root} ({len(source.walked.files)} readable files, {source.total_bytes / 1e6:.1f}"
-                f" MB; {len(source.walked.skipped)} skipped without reading)")
+            log(f"Corpus: {source.root} ({source.describe_counts()})")
 
     # -- the prepared folder: cache_dir/<label>-<hash of what determines the tokens>
     identity = {"format": FORMAT, "source": source.identity(), "val_fraction": val_fraction,
                 "piece_chars": PIECE_CHARS, "tokenizer": _tokenizer_identity(tokenizer, vocab_size)}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.label())[:40] + "-" + digest
+    key = _prepared_key(source, identity)
     out_dir = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and not force and not (out_dir / "manifest.json").is_file():
+        twin = _prepared_with_same_tokenizer(cache_dir, source, identity, tokenizer)
+        if twin is not None:
+            log(f"Reusing prepared data in {twin} (corpus unchanged, prepared with this same tokenizer)")
+            return _load(twin, reused=True)
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # two processes (e.g. DDP ranks) never prepare the same folder at once
         for stale in [*cache_dir.glob(f"{key}.tmp-*"), *cache_dir.glob(f"{key}.old-*")]:
