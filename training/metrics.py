@@ -68,7 +68,13 @@ class MetricsLogger:
         """Write loss.png: train loss per logged step and validation loss per eval."""
         train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r and math.isfinite(r["loss"])]
         val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        reward = [(r["step"], r["reward"]) for r in self.rows if "reward" in r]       # learning from rewards
+        eval_reward = [(r["step"], r["eval_reward"]) for r in self.rows if "eval_reward" in r]
+        if reward or eval_reward:
+            fig, (ax, ax_reward) = plt.subplots(1, 2, figsize=(12, 4))
+            self._plot_reward(ax_reward, reward, eval_reward)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1)
         if val:
@@ -89,6 +95,17 @@ class MetricsLogger:
         finally:
             plt.close(fig)
         return out
+
+    @staticmethod
+    def _plot_reward(ax, reward, eval_reward) -> None:
+        if reward:
+            ax.plot(*zip(*reward), label="reward (sampled)", linewidth=1)
+        if eval_reward:
+            ax.plot(*zip(*eval_reward), "o-", label="eval_reward (held-out, greedy)", linewidth=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
     def _report(self, path: Path, err: OSError) -> None:
         if path.name not in self._failed:

@@ -36,6 +36,7 @@ class LMObjective:
     """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData)."""
 
     capture_blocker = None      # fixed (batch, seq_len) windows, a fixed token count: a step replays as a CUDA graph
+    progress_metrics = ()       # the objective's metrics the progress bar shows (besides loss, lr, tokens/s)
 
     def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.val_tokens, self.seq_len = data.val_tokens, seq_len
@@ -63,6 +64,8 @@ class LMObjective:
 
 class _ExampleObjective:
     """Shared by SFT and DPO: random batches of examples, fixed validation batches."""
+
+    progress_metrics = ()
 
     def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         self.train, self.val, self.pad_id = data.train, data.val, pad_id
