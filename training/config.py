@@ -30,7 +30,7 @@ SCAN_BACKENDS = ("auto", "ref", "chunked", "triton")
 FAMILIES = ("mamba1", "mamba2", "hybrid")  # models/registry.py
 CUDA_GRAPH_MODES = ("auto", "on", "off")     # training/graph_step.py
 TASK_DATA = {"sft": "messages or prompt/completion", "dpo": "prompt/chosen/rejected", "reward": "prompt/chosen/rejected",
-             "grpo": "prompt, and the fields the rewards read"}    # what a --data line holds, per task
+             "grpo": "prompt, and the fields the rewards read", "ppo": "prompt, and the fields the rewards read"}    # what a --data line holds, per task
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ class TrainConfig:
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
     training: str = "default"              # default / fast / careful (configs/training.py)
     init_from: str | None = None           # start from these weights (HF-format Mamba dir or our checkpoint)
-    task: str = "lm"                       # lm (next token on documents), sft (chat: loss on answers), dpo (preferences), reward (a reward model on preferences), grpo (learning from rewards)
+    task: str = "lm"                       # lm (next token on documents), sft (chat: loss on answers), dpo (preferences), reward (a reward model on preferences), grpo / ppo (learning from rewards)
     data: str | None = None                # the JSONL file of task sft / dpo / reward / grpo (conversations / preference pairs / prompts)
     lora: str | None = None                # LoRA adapters: a preset (minimal, attention_only, all, all_x_proj) or names a,b
     lora_rank: int = 8                     # LoRA rank r
@@ -54,11 +54,11 @@ class TrainConfig:
     lora_dropout: float = 0.0              # dropout on the adapters' input
     rslora: bool = False                   # rank-stabilised LoRA scaling alpha / sqrt(r)
     dpo_beta: float = 0.1                  # DPO: strength of the pull towards the reference model
-    # --- learning from rewards (--task grpo; training/grpo.py, training/rewards.py)
+    # --- learning from rewards (--task grpo / ppo; training/grpo.py, training/ppo.py, training/rewards.py)
     reward: str | None = None              # rewards, comma-separated, summed: exact_match, regex, length, module:function, model:PATH
     reward_weights: str | None = None      # one weight per reward, comma-separated (default 1 each)
     reward_regex: str | None = None        # the pattern of reward regex (re.search on the completion)
-    num_generations: int = 8               # completions sampled per prompt (the group G); micro_batch_size must be a multiple
+    num_generations: int = 8               # completions sampled per prompt (GRPO's group G, >= 2); micro_batch_size must be a multiple
     max_new_tokens: int = 64               # longest completion sampled
     temperature: float = 1.0               # sampling temperature (> 0)
     top_p: float = 1.0                     # nucleus sampling (1 = off)
@@ -192,18 +192,18 @@ class TrainConfig:
         self._validate_rl()
 
     def _validate_rl(self) -> None:
-        """The settings of --task grpo (training/rl_setup.py checks that the rewards load)."""
-        if self.task != "grpo":
+        """The settings of --task grpo / ppo (training/rl_setup.py checks that the rewards load)."""
+        if self.task not in ("grpo", "ppo"):
             if self.reward is not None:
-                raise ConfigError(f"reward is a setting of --task grpo (this run's task is {self.task})")
+                raise ConfigError(f"reward is a setting of --task grpo or ppo (this run's task is {self.task})")
             return
         if self.reward is None:
-            raise ConfigError("task grpo needs --reward: exact_match, regex, length, module:function or model:PATH "
+            raise ConfigError(f"task {self.task} needs --reward: exact_match, regex, length, module:function or model:PATH "
                               "(several comma-separated)")
         for key in ("num_generations", "max_new_tokens", "num_iterations"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
-        if self.num_generations < 2:
+        if self.task == "grpo" and self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (advantages compare a completion with the "
                               f"others of its group), got {self.num_generations}")
         if self.micro_batch_size % self.num_generations:

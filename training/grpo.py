@@ -258,43 +258,57 @@ class GRPOObjective:
                     stopped_at[i] = t
                     decoder.stop_rows([i])
 
-    def _sample_batch(self, step: int, write_samples: bool):
-        """Sample G completions for each of the next prompts, score them, and build the training batch:
-        x, y (b, L): prompt + completion right-padded, y the completion tokens (-100 elsewhere);
-        advantages (b,); old_logps, ref_logps (b, L); stats (b, len(stat_names))."""
+    def _rollout(self):
+        """Sample G completions for each of the next prompts and score them. Returns the rows' examples (P * G),
+        x, y (b, L): prompt + completion right-padded, y the completion tokens (-100 elsewhere), the rewards (b,)
+        and each reward's values, the completions' texts and lengths, and the sampling rate (tokens/s)."""
         examples = [self.train[i] for i in self.sampler.prompts.next_indices()]
         rows = [e for e in examples for _ in range(self.group_size)]                      # (P * G)
         tokens, lengths, texts, seconds = self._generate([e.ids for e in rows], self.params)
         total, each = score(self.rewards, [e.prompt for e in rows], texts, _columns(rows))
-        rewards = torch.tensor(total, dtype=torch.float32)
-        advantages, group_std = group_advantages(rewards, self.group_size)
-
         sequences = []
         for e, row, n in zip(rows, tokens.tolist(), lengths):
             completion = row[:n]
             sequences.append(SFTExample(e.ids + completion, [IGNORE] * len(e.ids) + completion))
         x, y = collate(sequences, self.pad_id)                                            # (b, L) each
-        old_logps = torch.zeros(x.shape)
-        ref_logps = torch.zeros(x.shape)
-        with torch.no_grad(), self.autocast():
-            xd, yd = x.to(self.device), y.to(self.device)
-            if self.num_iterations > 1:
-                was_training = self.policy.training
-                self.policy.eval()
-                old_logps = token_logps(self.policy, xd, yd, self.temperature).float().cpu()
-                self.policy.train(was_training)
-            if self.beta:
-                ref_logps = self.reference(xd, yd).float().cpu()
+        rate = float(sum(lengths)) / max(seconds, 1e-9)
+        return rows, x, y, torch.tensor(total, dtype=torch.float32), each, texts, lengths, rate
 
-        zero_std = (group_std == 0).float()
-        sampled = float(sum(lengths))
-        stats = torch.stack([rewards, group_std, torch.tensor(lengths, dtype=torch.float32), zero_std,
-                             torch.full_like(rewards, sampled / max(seconds, 1e-9))]
-                            + [torch.tensor(each[n], dtype=torch.float32) for n in self.reward_names], dim=1)
-        if write_samples and self.sample_file is not None and self.sample_every and \
-                (step == 1 or step % self.sample_every == 0):
-            self._write_samples(step, rows, texts, rewards, advantages)
+    @torch.no_grad()
+    def _logps_at_sampling(self, model, x, y) -> torch.Tensor:
+        """Token log-probs (b, L) on the CPU, without dropout, under the run's precision (as the loss sees them)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with self.autocast():
+                return token_logps(model, x.to(self.device), y.to(self.device), self.temperature).float().cpu()
+        finally:
+            model.train(was_training)
+
+    def _reference_logps(self, x, y) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            return self.reference(x.to(self.device), y.to(self.device)).float().cpu()
+
+    def _stats(self, rewards, group_std, lengths, rate, each) -> torch.Tensor:
+        """The per-row values of stat_names (b, len(stat_names)); the Trainer averages them over the step."""
+        return torch.stack([rewards, group_std, torch.tensor(lengths, dtype=torch.float32), (group_std == 0).float(),
+                            torch.full_like(rewards, rate)]
+                           + [torch.tensor(each[n], dtype=torch.float32) for n in self.reward_names], dim=1)
+
+    def _sample_batch(self, step: int, write_samples: bool):
+        """The training batch: x, y (b, L); advantages (b,); old_logps, ref_logps (b, L); stats (b, S)."""
+        rows, x, y, rewards, each, texts, lengths, rate = self._rollout()
+        advantages, group_std = group_advantages(rewards, self.group_size)
+        old_logps = self._logps_at_sampling(self.policy, x, y) if self.num_iterations > 1 else torch.zeros(x.shape)
+        ref_logps = self._reference_logps(x, y) if self.beta else torch.zeros(x.shape)
+        stats = self._stats(rewards, group_std, lengths, rate, each)
+        if write_samples:
+            self._maybe_write_samples(step, rows, texts, rewards, advantages)
         return x, y, advantages, old_logps, ref_logps, stats
+
+    def _maybe_write_samples(self, step, rows, texts, rewards, advantages) -> None:
+        if self.sample_file is not None and self.sample_every and (step == 1 or step % self.sample_every == 0):
+            self._write_samples(step, rows, texts, rewards, advantages)
 
     def _write_samples(self, step, rows, texts, rewards, advantages) -> None:
         """The first prompt's group of completions, appended to completions.jsonl (a failed write is reported)."""

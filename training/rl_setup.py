@@ -1,8 +1,8 @@
-"""Set-up of the reward tasks, called by launch.py: --task reward (a reward model) and --task grpo.
+"""Set-up of the reward tasks, called by launch.py: --task reward (a reward model), grpo and ppo.
 
-    load_data      the preference pairs (reward) or the prompts (grpo), bad lines counted, nothing usable: exit 2
-    wrap_model     reward: the LM gets a scalar head (training/scalar_head.py), saved beside its weights/adapter
-    build_objective  RewardObjective, or GRPOObjective with its rewards, sampler and reference model
+    load_data      the preference pairs (reward) or the prompts (grpo, ppo), bad lines counted, nothing usable: exit 2
+    wrap_model     reward / ppo: the LM gets a scalar head (training/scalar_head.py), saved beside its weights/adapter
+    build_objective  RewardObjective, or GRPOObjective / PPOObjective with their rewards, sampler and reference
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from models.vocab import resize_vocab
 
 from .config import ConfigError, TrainConfig
 
-RL_TASKS = ("reward", "grpo")
+RL_TASKS = ("reward", "grpo", "ppo")
 
 
 def load_data(cfg: TrainConfig, tokenizer, log):
@@ -41,11 +41,11 @@ def load_data(cfg: TrainConfig, tokenizer, log):
 
 
 def wrap_model(cfg: TrainConfig, model, resume_from: Path | None, save_weights):
-    """--task reward: (ScalarHeadModel, its save_weights); other tasks: unchanged."""
-    if cfg.task != "reward":
+    """--task reward: (ScalarHeadModel, its save_weights); ppo: (PolicyWithValue, ...); other tasks: unchanged."""
+    if cfg.task not in ("reward", "ppo"):
         return model, save_weights
-    from .scalar_head import ScalarHeadModel
-    wrapped = ScalarHeadModel(model)
+    from .scalar_head import PolicyWithValue, ScalarHeadModel
+    wrapped = ScalarHeadModel(model) if cfg.task == "reward" else PolicyWithValue(model)
     if resume_from is not None:
         try:
             wrapped.load_head(resume_from)
@@ -61,7 +61,7 @@ def wrap_model(cfg: TrainConfig, model, resume_from: Path | None, save_weights):
 
 def needs_reference_copy(cfg: TrainConfig) -> bool:
     """A full-weight GRPO run with a KL penalty holds a frozen copy of the starting model."""
-    return cfg.task == "grpo" and cfg.kl_beta > 0 and not cfg.lora
+    return cfg.task in ("grpo", "ppo") and cfg.kl_beta > 0 and not cfg.lora
 
 
 def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device, precision, run_dir,
@@ -71,6 +71,7 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
         return RewardObjective(data, batch_size=cfg.micro_batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size)
     from .grpo import GRPOObjective
+    from .ppo import PPOObjective
     from .rewards import parse_rewards
     rewards = parse_rewards(cfg.reward, cfg.reward_weights, cfg.reward_regex,
                             load_model=lambda path: reward_model_function(path, device))
@@ -79,8 +80,11 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
         f"completions per prompt, up to {cfg.max_new_tokens} new tokens, temperature {cfg.temperature:g}"
         f"{f', top-p {cfg.top_p:g}' if cfg.top_p < 1 else ''}; kl_beta {cfg.kl_beta:g}, clip {cfg.clip_epsilon:g}, "
         f"{cfg.num_iterations} pass(es) per sampled batch")
-    return GRPOObjective(
-        data, model, tokenizer, rewards, reference_logps(cfg, model, tokenizer, base_dir, device),
+    policy = model.lm if cfg.task == "ppo" else model          # ppo: model is PolicyWithValue (scalar_head.py)
+    extra = dict(value_model=model) if cfg.task == "ppo" else {}
+    objective = PPOObjective if cfg.task == "ppo" else GRPOObjective
+    return objective(
+        data, policy, tokenizer, rewards, reference_logps(cfg, policy, tokenizer, base_dir, device), **extra,
         rows=cfg.micro_batch_size, group_size=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None, stop=stop, beta=cfg.kl_beta,
         clip_epsilon=cfg.clip_epsilon, num_iterations=cfg.num_iterations, grad_accum_steps=cfg.grad_accum_steps,

@@ -4,7 +4,8 @@ The head is a Linear(d_model, 1) on the model's final-normed hidden states (the 
 model's public `hidden_states`); the language model itself is left as it is, with or without LoRA adapters. The
 wrapper passes through the few methods the Trainer calls on a model, so it trains like any other.
 
-A checkpoint of it is the language model's usual files (full weights or the adapter) plus score_head.safetensors.
+A checkpoint of it is the language model's usual files (full weights or the adapter) plus the head's file
+(score_head.safetensors for a reward model, value_head.safetensors for PPO's value head).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEAD_FILE = "score_head.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ScalarHeadModel(nn.Module):
@@ -23,6 +25,8 @@ class ScalarHeadModel(nn.Module):
     Args:
         lm: a language model of any family (models/), possibly with LoRA adapters
     """
+
+    head_file = HEAD_FILE
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -63,18 +67,31 @@ class ScalarHeadModel(nn.Module):
 
     def save_head(self, folder) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(Path(folder) / HEAD_FILE))
+                  str(Path(folder) / self.head_file))
 
     def load_head(self, folder) -> None:
-        path = Path(folder) / HEAD_FILE
+        path = Path(folder) / self.head_file
         if not path.is_file():
-            raise ValueError(f"{str(folder)!r} has no {HEAD_FILE}: it is not a reward model checkpoint "
-                             f"(train one with --task reward)")
+            raise ValueError(f"{str(folder)!r} has no {self.head_file}: it is not a checkpoint of this head "
+                             f"(a reward model comes from --task reward, a value head from --task ppo)")
         try:
             state = load_file(str(path))
         except Exception as err:       # a damaged file: say which
             raise ValueError(f"{str(path)!r} cannot be read ({err})") from None
         self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in state.items()})
+
+
+class PolicyWithValue(ScalarHeadModel):
+    """PPO's model: the policy's logits and a value per position. forward(x) -> (logits (b, l, v), values (b, l)).
+
+    Two passes through the language model (its forward for the logits, hidden_states for the values): the public
+    API gives one or the other, and the value head's cost is small beside the sampling."""
+
+    head_file = VALUE_HEAD_FILE
+
+    def forward(self, input_ids: torch.Tensor):
+        logits, _ = self.lm(input_ids)
+        return logits, self.values(input_ids)
 
 
 def load_reward_model(path, device=None) -> tuple[ScalarHeadModel, object]:
