@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .grpo import IGNORE, GRPOObjective, token_logps
+from .grpo import IGNORE, GRPOObjective
 
 VF_COEF = 0.1           # TRL's PPOConfig defaults
 CLIP_RANGE_VALUE = 0.2
@@ -104,7 +104,7 @@ class PPOObjective(GRPOObjective):
         with torch.no_grad(), self.autocast():
             was_training = self.value_model.training
             self.value_model.eval()
-            old_values = self.value_model(x.to(self.device))[1].float().cpu() * mask
+            old_values = self.value_model.values(x.to(self.device)).float().cpu() * mask
             self.value_model.train(was_training)
         kl = (old_logps - ref_logps) * mask
         rewards = -self.beta * kl
@@ -135,5 +135,3 @@ class PPOObjective(GRPOObjective):
                         "policy/clipfrac_avg": pg_clip.sum(), "val/clipfrac_avg": vf_clip.sum()})
         return losses.sum(), metrics
 
-
-__all__ = ["PPOObjective", "gae", "ppo_loss", "whiten", "token_logps"]
