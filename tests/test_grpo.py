@@ -145,3 +145,26 @@ def test_lora_grpo_run_resumes_exactly(tmp_path):
     samples = [json.loads(r) for r in (straight / "completions.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 3} and all(s["completion"].count("=") <= 1 for s in samples)
     assert (straight / "loss.png").is_file() and (straight / "step_000003" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["mamba2", "hybrid"])
+def test_other_families_sample_and_train(tmp_path, family):
+    """GRPO on a Mamba-2 and a hybrid (attention: a KV cache in the decoder) with LoRA, and its reference."""
+    from models import HybridConfig, Mamba2Config, build_model
+    tok = Tokenizer.train([" ".join(f"{a}+{b}={a + b}" for a in range(10) for b in range(10)) * 3], vocab_size=280)
+    torch.manual_seed(0)
+    config = (Mamba2Config(d_model=32, n_layer=1, vocab_size=tok.vocab_size, headdim=16, d_state=8)
+              if family == "mamba2" else
+              HybridConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size, pattern="MA", n_heads=4, n_kv_heads=2))
+    build_model(config).save_pretrained(tmp_path / "base", eos_token_id=tok.eot_id)
+    tok.save(tmp_path / "base")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(4)))
+    out = tmp_path / "run"
+    assert main(["--init_from", str(tmp_path / "base"), "--family", family, "--task", "grpo", "--data", str(data),
+                 "--reward", "exact_match", "--lora", "all", "--out_dir", str(out), "--vram", "cpu",
+                 "--max_new_tokens", "3", "--num_generations", "2", "--micro_batch_size", "4", "--max_steps", "1",
+                 "--eval_interval", "1", "--eval_batches", "1", "--log_interval", "1", "--val_fraction", "0.25",
+                 "--no-progress"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == 0 and 1 <= row["completion_length"] <= 3 and math.isfinite(row["loss"])
