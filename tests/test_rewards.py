@@ -124,3 +124,22 @@ def test_a_failing_reward_stops_the_run_with_exit_2_and_keeps_the_checkpoint(bas
     assert main(grpo_args(base, bad, tmp_path / "r3", "--reward", "exact_match", "--max_steps", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no usable prompt" in err and "missing field prompt 1 (line 2)" in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"task": "grpo"}, "task grpo needs --reward"),
+    ({"task": "grpo", "reward": "length", "micro_batch_size": 6, "num_generations": 4}, "multiple of num_generations"),
+    ({"task": "grpo", "reward": "length", "num_generations": 1, "micro_batch_size": 4}, "at least 2"),
+    ({"task": "grpo", "reward": "length", "temperature": 0.0}, "temperature must be"),
+    ({"task": "ppo", "reward": "length", "clip_epsilon": 1.5}, "clip_epsilon must be"),
+    ({"task": "sft", "reward": "length"}, "reward is a setting of --task grpo or ppo"),
+    ({"task": "reward"}, "prompt/chosen/rejected"),
+])
+def test_bad_rl_settings_name_the_key(overrides, message):
+    from training.config import resolve_config
+    base = {"init_from": "somewhere", "data": "x.jsonl", "micro_batch_size": 8, "num_generations": 8}
+    base.update(overrides)
+    if overrides == {"task": "reward"}:
+        del base["data"]
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(base)
