@@ -144,6 +144,7 @@ def test_lora_grpo_run_resumes_exactly(tmp_path):
     assert evals[-1]["val_loss"] == -evals[-1]["eval_reward"]
     samples = [json.loads(r) for r in (straight / "completions.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 3} and all(s["completion"].count("=") <= 1 for s in samples)
+    assert (split / "completions.jsonl").read_text() == (straight / "completions.jsonl").read_text()
     assert (straight / "loss.png").is_file() and (straight / "step_000003" / "adapter_model.safetensors").is_file()
 
 

@@ -101,7 +101,8 @@ class Rollouts:
     resume needs (the Trainer saves state_dict() as the objective's sampler)."""
 
     def __init__(self, n_prompts: int, prompts_per_batch: int, seed: int, device, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, on_load=None):
+        self.on_load = on_load          # on_load(calls) after a resume (the objective trims completions.jsonl)
         self.prompts = ExampleSampler(n_prompts, prompts_per_batch, seed=seed, rank=rank, world_size=world_size)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed * 1000 + rank + 1)
@@ -117,6 +118,8 @@ class Rollouts:
         self.generator.set_state(state["generator"])
         self.calls = int(state["calls"])
         self.buffer = [tuple(b) for b in state["buffer"]]
+        if self.on_load is not None:
+            self.on_load(self.calls)
 
 
 class GRPOObjective:
@@ -157,7 +160,8 @@ class GRPOObjective:
         self.sample_every, self.log = sample_every, log
         self.end_id, self.pad_id = end_id(tokenizer), tokenizer.eot_id
         self.device = torch.device(device)
-        self.sampler = Rollouts(len(self.train), rows // group_size, seed, self.device, rank, world_size)
+        self.sampler = Rollouts(len(self.train), rows // group_size, seed, self.device, rank, world_size,
+                                on_load=self._drop_later_samples)
         self.reward_names = [r.name for r in rewards]
         self.stat_names = ["reward", "reward_std", "completion_length", "frac_reward_zero_std",
                            "sample_tokens_per_s"] + [f"rewards/{n}/mean" for n in self.reward_names]
@@ -309,6 +313,18 @@ class GRPOObjective:
     def _maybe_write_samples(self, step, rows, texts, rewards, advantages) -> None:
         if self.sample_file is not None and self.sample_every and (step == 1 or step % self.sample_every == 0):
             self._write_samples(step, rows, texts, rewards, advantages)
+
+    def _drop_later_samples(self, calls: int) -> None:
+        """A resumed run first drops the samples written after its checkpoint, as metrics.jsonl does its rows."""
+        if self.sample_file is None or not self.sample_file.is_file():
+            return
+        done = calls // self.grad_accum_steps
+        try:
+            lines = self.sample_file.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= done]
+            self.sample_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        except (OSError, ValueError, KeyError) as err:
+            self.log(f"\nwarning: could not trim {self.sample_file} to step {done} ({err}); it keeps later samples")
 
     def _write_samples(self, step, rows, texts, rewards, advantages) -> None:
         """The first prompt's group of completions, appended to completions.jsonl (a failed write is reported)."""
