@@ -162,7 +162,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     # a LoRA checkpoint holds the adapter; the weights under it are the base it names
     weights_dir = finetune.adapter_base(resume_from) if resume_from is not None and cfg.lora else init_dir
 
-    if cfg.task in rl_setup.RL_TASKS:   # preference pairs (a reward model) / prompts (grpo) from one JSONL file
+    if cfg.task in rl_setup.RL_TASKS:   # preference pairs (reward) / prompts (grpo, ppo), one JSONL file
         data = rl_setup.load_data(cfg, tokenizer, log)
         data_line = f"{len(data.train):,} train / {len(data.val):,} validation {cfg.task} examples"
     elif cfg.task != "lm":    # chat conversations / preference pairs from one JSONL file
@@ -210,7 +210,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             raise
         raise ConfigError(str(err)) from None
     save_weights = finetune.attach_lora(cfg, model, weights_dir, resume_from, log) if cfg.lora else None
-    model, save_weights = rl_setup.wrap_model(cfg, model, resume_from, save_weights)     # reward: + a scalar head
+    model, save_weights = rl_setup.wrap_model(cfg, model, resume_from, save_weights)     # reward, ppo: + a scalar head
     n_params = model.num_parameters()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # a full-weight DPO run also holds a frozen reference copy of the model

@@ -9,6 +9,7 @@ is exact however the rows were split:
     eval_batches(batch_size, n)     -> deterministic validation batches
     sampler                         -> state_dict / load_state_dict for an exact resume
     capture_blocker                 -> why a step of it cannot be a CUDA graph (training/graph_step.py), or None
+    progress_metrics                -> names of its metrics the progress bar shows (GRPO: reward, kl)
 """
 from __future__ import annotations
 
