@@ -58,7 +58,8 @@ def run(args) -> dict:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     rows = args.prompts * args.group
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    def autocast():      # what the Trainer's precision gives: bf16 on a GPU, fp32 on the CPU
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     prompts = torch.randint(0, config.vocab_size, (rows, args.prompt_len), device=device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -81,13 +82,13 @@ def run(args) -> dict:
 
     @torch.no_grad()
     def reference_logps():
-        with autocast:
+        with autocast():
             return token_logps(reference, x, y)
 
     ref_s, ref = timed(reference_logps, device, args.repeats)
 
     def train():
-        with autocast:
+        with autocast():
             logps = token_logps(policy, x, y)
         loss, _, _ = grpo_loss(logps, logps.detach(), ref, advantages, y != IGNORE, 0.2, 0.04)
         loss.mean().backward()
