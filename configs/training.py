@@ -76,13 +76,25 @@ TRAINING_PRESETS = {
     "dpo": {**_FINETUNE, "lr": 1e-6},
     # DPO with LoRA adapters: adapters need a larger step than full weights (TRL's LoRA DPO examples: 5e-6 .. 5e-5).
     "dpo_lora": {**_FINETUNE, "lr": 5e-6},
+    # A reward model (--task reward): the LM and a fresh scalar head, Bradley-Terry on preference pairs (TRL's
+    # RewardConfig examples: 1e-5 full, 1e-4 with LoRA).
+    "reward": {**_FINETUNE, "lr": 1e-5},
+    "reward_lora": {**_FINETUNE, "lr": 1e-4},
+    # GRPO (--task grpo): TRL's GRPOConfig default lr 1e-6 for full weights; adapters take ~10x (1e-5).
+    "grpo": {**_FINETUNE, "lr": 1e-6},
+    "grpo_lora": {**_FINETUNE, "lr": 1e-5},
+    # PPO (--task ppo): TRL's PPOConfig default lr 3e-6; adapters ~10x.
+    "ppo": {**_FINETUNE, "lr": 3e-6},
+    "ppo_lora": {**_FINETUNE, "lr": 3e-5},
 }
 
-TASKS = ("lm", "sft", "dpo")
+TASKS = ("lm", "sft", "dpo", "reward", "grpo", "ppo")
 
 # (task, LoRA?) -> the preset used when --training is not given
 TASK_PRESETS = {("lm", False): "default", ("lm", True): "lora", ("sft", False): "sft", ("sft", True): "lora",
-                ("dpo", False): "dpo", ("dpo", True): "dpo_lora"}
+                ("dpo", False): "dpo", ("dpo", True): "dpo_lora", ("reward", False): "reward",
+                ("reward", True): "reward_lora", ("grpo", False): "grpo", ("grpo", True): "grpo_lora",
+                ("ppo", False): "ppo", ("ppo", True): "ppo_lora"}
 
 
 # The fine-tuning recipes: on the CPU their learning rate and schedule are kept (the CPU preset's lr 3e-3 is for a

@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCAN_BACKENDS = ("auto", "ref", "chunked", "triton")
 FAMILIES = ("mamba1", "mamba2", "hybrid")  # models/registry.py
 CUDA_GRAPH_MODES = ("auto", "on", "off")     # training/graph_step.py
+TASK_DATA = {"sft": "messages or prompt/completion", "dpo": "prompt/chosen/rejected", "reward": "prompt/chosen/rejected",
+             "grpo": "prompt, and the fields the rewards read", "ppo": "prompt, and the fields the rewards read"}    # what a --data line holds, per task
 
 
 class ConfigError(ValueError):
@@ -44,14 +46,27 @@ class TrainConfig:
     vram: str = "auto"                     # 8gb 12gb 16gb 24gb 32gb 48gb, cpu, or auto (read the GPU's memory)
     training: str = "default"              # default / fast / careful (configs/training.py)
     init_from: str | None = None           # start from these weights (HF-format Mamba dir or our checkpoint)
-    task: str = "lm"                       # lm (next token on documents), sft (chat: loss on answers), dpo (preferences)
-    data: str | None = None                # the JSONL file of task sft / dpo (chat conversations / preference pairs)
+    task: str = "lm"                       # lm (next token on documents), sft (chat: loss on answers), dpo (preferences), reward (a reward model on preferences), grpo / ppo (learning from rewards)
+    data: str | None = None                # the JSONL file of task sft / dpo / reward / grpo (conversations / preference pairs / prompts)
     lora: str | None = None                # LoRA adapters: a preset (minimal, attention_only, all, all_x_proj) or names a,b
     lora_rank: int = 8                     # LoRA rank r
     lora_alpha: float = 16.0               # LoRA scaling alpha / r (alpha / sqrt(r) with --rslora)
     lora_dropout: float = 0.0              # dropout on the adapters' input
     rslora: bool = False                   # rank-stabilised LoRA scaling alpha / sqrt(r)
     dpo_beta: float = 0.1                  # DPO: strength of the pull towards the reference model
+    # --- learning from rewards (--task grpo / ppo; training/grpo.py, training/ppo.py, training/rewards.py)
+    reward: str | None = None              # rewards, comma-separated, summed: exact_match, regex, length, module:function, model:PATH
+    reward_weights: str | None = None      # one weight per reward, comma-separated (default 1 each)
+    reward_regex: str | None = None        # the pattern of reward regex (re.search on the completion)
+    num_generations: int = 8               # completions sampled per prompt (GRPO's group G, >= 2); micro_batch_size must be a multiple
+    max_new_tokens: int = 64               # longest completion sampled
+    temperature: float = 1.0               # sampling temperature (> 0)
+    top_p: float = 1.0                     # nucleus sampling (1 = off)
+    stop_strings: str | None = None        # completions end at any of these strings, comma-separated (they always end at <|end|>)
+    kl_beta: float = 0.04                  # strength of the KL penalty to the reference model (0 = none, no reference kept)
+    clip_epsilon: float = 0.2              # the policy ratio is clipped to [1 - eps, 1 + eps]
+    num_iterations: int = 1                # optimizer steps on each sampled batch (1 = plain policy gradient)
+    sample_every: int = 10                 # write one prompt's sampled completions to completions.jsonl every N steps (0 = never)
     # --- data (utils/dataset.py)
     data_dir: str | None = None            # a folder of documents; None = the embedded default corpus
     hf_dataset: str | None = None          # a HF dataset name or local path instead of data_dir
@@ -162,11 +177,11 @@ class TrainConfig:
     def _validate_finetune(self) -> None:
         _check_choice("task", self.task, TASKS)
         if self.task == "lm" and self.data is not None:
-            raise ConfigError("data is the JSONL file of --task sft or dpo; for documents use --data_dir")
+            raise ConfigError("data is the JSONL file of --task sft, dpo, reward or grpo; for documents use --data_dir")
         if self.task != "lm":
             if self.data is None:
                 raise ConfigError(f"task {self.task} needs --data FILE.jsonl "
-                                  f"({'messages or prompt/completion' if self.task == 'sft' else 'prompt/chosen/rejected'} per line)")
+                                  f"({TASK_DATA[self.task]} per line)")
             if self.data_dir is not None or self.hf_dataset is not None:
                 raise ConfigError(f"task {self.task} reads --data FILE.jsonl, not data_dir / hf_dataset")
         if (self.task != "lm" or self.lora) and not self.init_from:
@@ -185,6 +200,37 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.dpo_beta > 0:
             raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        self._validate_rl()
+
+    def _validate_rl(self) -> None:
+        """The settings of --task grpo / ppo (training/rl_setup.py checks that the rewards load)."""
+        if self.task not in ("grpo", "ppo"):
+            if self.reward is not None:
+                raise ConfigError(f"reward is a setting of --task grpo or ppo (this run's task is {self.task})")
+            return
+        if self.reward is None:
+            raise ConfigError(f"task {self.task} needs --reward: exact_match, regex, length, module:function or model:PATH "
+                              "(several comma-separated)")
+        for key in ("num_generations", "max_new_tokens", "num_iterations"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.task == "grpo" and self.num_generations < 2:
+            raise ConfigError(f"num_generations must be at least 2 (advantages compare a completion with the "
+                              f"others of its group), got {self.num_generations}")
+        if self.micro_batch_size % self.num_generations:
+            raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) counts completions and must be a "
+                              f"multiple of num_generations ({self.num_generations}), e.g. --micro_batch_size "
+                              f"{self.num_generations * max(1, self.micro_batch_size // self.num_generations)}")
+        if not (self.temperature > 0 and self.temperature < float("inf")):
+            raise ConfigError(f"temperature must be a finite number > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.kl_beta >= 0:
+            raise ConfigError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if not 0 < self.clip_epsilon < 1:
+            raise ConfigError(f"clip_epsilon must be in (0, 1), got {self.clip_epsilon}")
+        if self.sample_every < 0:
+            raise ConfigError(f"sample_every must be >= 0, got {self.sample_every}")
 
 
 def eval_task_names(eval_tasks: str | None) -> list[str]:

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import extra_eval as extra
 from . import finetune
+from . import rl_setup
 from configs.vram import VRAM_CHOICES
 
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
@@ -170,7 +171,10 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     # a LoRA checkpoint holds the adapter; the weights under it are the base it names
     weights_dir = finetune.adapter_base(resume_from) if resume_from is not None and cfg.lora else init_dir
 
-    if cfg.task != "lm":    # chat conversations / preference pairs from one JSONL file
+    if cfg.task in rl_setup.RL_TASKS:   # preference pairs (reward) / prompts (grpo, ppo), one JSONL file
+        data = rl_setup.load_data(cfg, tokenizer, log)
+        data_line = f"{len(data.train):,} train / {len(data.val):,} validation {cfg.task} examples"
+    elif cfg.task != "lm":    # chat conversations / preference pairs from one JSONL file
         data = finetune.load_task_data(cfg, tokenizer, log)
         data_line = f"{len(data.train):,} train / {len(data.val):,} validation {cfg.task} examples"
     else:
@@ -221,10 +225,11 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
             raise
         raise ConfigError(str(err)) from None
     save_weights = finetune.attach_lora(cfg, model, weights_dir, resume_from, log) if cfg.lora else None
+    model, save_weights = rl_setup.wrap_model(cfg, model, resume_from, save_weights)     # reward, ppo: + a scalar head
     n_params = model.num_parameters()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # a full-weight DPO run also holds a frozen reference copy of the model
-    n_held = n_params * 2 if cfg.task == "dpo" and not cfg.lora else n_params
+    n_held = n_params * 2 if (cfg.task == "dpo" and not cfg.lora) or rl_setup.needs_reference_copy(cfg) else n_params
 
     # -- will it fit? (checked before the first step, never an out-of-memory error an hour in)
     backend = model.scan_backend_for(device)
@@ -249,8 +254,12 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
         resume_state = ckpt.load_training_state(resume_from) if resume_from is not None else None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--resume: {err}") from None
-    objective = None if cfg.task == "lm" else \
-        finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
+    if cfg.task in rl_setup.RL_TASKS:
+        objective = rl_setup.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device,
+                                             precision, run_dir, log)
+    else:
+        objective = None if cfg.task == "lm" else \
+            finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
     extra_eval = None if eval_sources is None else \
         extra.ExtraEvaluation(eval_sources, tokenizer, cfg.eval_tokens, cfg.micro_batch_size, cfg.eval_task_limit)
     try:

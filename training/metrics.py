@@ -68,16 +68,23 @@ class MetricsLogger:
     def plot(self) -> Path:
         """Write loss.png: train loss per logged step and validation loss per eval; eval_data's bits per byte on
         an axis of its own (right), and the harness tasks' fractions (accuracies) in a panel below, when the run has
-        them."""
+        them; the reward (sampled, and held-out greedy) in a panel on the right when learning from rewards."""
         train = self._series("loss")
         val = self._series("val_loss")
         bpb = self._series("eval_bits_per_byte")
         # task metrics that are fractions (accuracies, exact match) share a panel; a perplexity has no place on it
+        # (an objective's own metrics, DPO's rewards/accuracies and their eval_ twins, are not tasks)
         task_keys = sorted(k for k in {k for r in self.rows for k in r if "/" in k}
-                           if all(0 <= v <= 1 for _, v in self._series(k)))
-        fig, axes = plt.subplots(2 if task_keys else 1, 1, figsize=(7, 6.5 if task_keys else 4), sharex=True,
-                                 squeeze=False, height_ratios=[2, 1] if task_keys else None)
+                           if not k.startswith(("rewards/", "eval_")) and all(0 <= v <= 1 for _, v in self._series(k)))
+        reward, eval_reward = self._series("reward"), self._series("eval_reward")
+        columns = 2 if reward or eval_reward else 1
+        fig, axes = plt.subplots(2 if task_keys else 1, columns, figsize=(7 * columns, 6.5 if task_keys else 4),
+                                 sharex=True, squeeze=False, height_ratios=[2, 1] if task_keys else None)
         ax = axes[0, 0]
+        if columns == 2:
+            self._plot_reward(axes[0, 1], reward, eval_reward)
+            if task_keys:
+                axes[1, 1].set_visible(False)
         if train:
             ax.plot(*zip(*train), label="train", linewidth=1)
         if val:
@@ -111,6 +118,17 @@ class MetricsLogger:
         finally:
             plt.close(fig)
         return out
+
+    @staticmethod
+    def _plot_reward(ax, reward, eval_reward) -> None:
+        if reward:
+            ax.plot(*zip(*reward), label="reward (sampled)", linewidth=1)
+        if eval_reward:
+            ax.plot(*zip(*eval_reward), "o-", label="eval_reward (held-out, greedy)", linewidth=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
     def _series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every row with a finite `key`."""

@@ -9,6 +9,7 @@ is exact however the rows were split:
     eval_batches(batch_size, n)     -> deterministic validation batches
     sampler                         -> state_dict / load_state_dict for an exact resume
     capture_blocker                 -> why a step of it cannot be a CUDA graph (training/graph_step.py), or None
+    progress_metrics                -> names of its metrics the progress bar shows (GRPO: reward, kl)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class LMObjective:
     """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData)."""
 
     capture_blocker = None      # fixed (batch, seq_len) windows, a fixed token count: a step replays as a CUDA graph
+    progress_metrics = ()       # the objective's metrics the progress bar shows (besides loss, lr, tokens/s)
 
     def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.val_tokens, self.seq_len = data.val_tokens, seq_len
@@ -63,6 +65,8 @@ class LMObjective:
 
 class _ExampleObjective:
     """Shared by SFT and DPO: random batches of examples, fixed validation batches."""
+
+    progress_metrics = ()
 
     def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         self.train, self.val, self.pad_id = data.train, data.val, pad_id

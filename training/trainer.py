@@ -88,6 +88,7 @@ class Trainer:
             objective = LMObjective(data, cfg.seq_len, cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
         self.objective, self.sampler, self.save_weights = objective, objective.sampler, save_weights
         self.step_metrics: dict[str, float] = {}    # the objective's own metrics of the last step (DPO rewards)
+        self.eval_metrics: dict[str, float] = {}    # the objective's own metrics of the last evaluation
 
         self.step = 0                       # optimizer steps done (skipped ones included)
         self.tokens_seen = 0                # training tokens consumed, all ranks
@@ -313,18 +314,26 @@ class Trainer:
     def _evaluate(self) -> float:
         self.raw_model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)     # (loss sum, count)
+        metric_sums: dict[str, torch.Tensor] = {}
         batches = self.objective.eval_batches(self.micro_split, self.cfg.eval_batches)
         for i, batch in enumerate(batches):
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self.precision.autocast():
-                loss, _ = self.objective.loss(self.raw_model, tuple(t.to(self.device) for t in batch))
+                loss, extra = self.objective.loss(self.raw_model, tuple(t.to(self.device) for t in batch))
             total[0] += loss.double()
             total[1] += self.objective.count(batch)
+            for k, v in extra.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
         self.raw_model.train()
         dist_utils.all_reduce_sum(total)
         if total[1] == 0:
             return math.nan
+        # the objective's metrics over the held-out set, as TRL names them: eval_<name> (e.g. eval_accuracy)
+        names = sorted(metric_sums)
+        if names:
+            sums = dist_utils.all_reduce_sum(torch.stack([metric_sums[k] for k in names]))
+            self.eval_metrics = {f"eval_{k}": v for k, v in zip(names, (sums / total[1]).tolist())}
         return (total[0] / total[1]).item()
 
     def _evaluate_and_report(self, bar) -> bool:
@@ -336,7 +345,8 @@ class Trainer:
             new_best = val_loss < self.best_val_loss
             if new_best:
                 self.best_val_loss = val_loss
-            row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)), best_val_loss=self.best_val_loss)
+            row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700)), best_val_loss=self.best_val_loss,
+                       **{k: round(v, 6) for k, v in self.eval_metrics.items()})
         if self.extra_eval is not None:
             row.update(self._beside_graphs(lambda: self.extra_eval.run(self.raw_model, self.dist)))
         if len(row) == 2:
@@ -417,7 +427,9 @@ class Trainer:
                     self.nonfinite_in_a_row += 1
                     self.log(f"\nstep {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                              f"step skipped ({self.nonfinite_skipped} so far, {self.nonfinite_in_a_row} in a row)")
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                shown = {k: f"{float(self.step_metrics[k]):.4g}" for k in self.objective.progress_metrics
+                         if k in self.step_metrics}     # the objective's own (GRPO: reward, kl)
+                bar.set_postfix(loss=f"{last_loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                                 refresh=False)
                 bar.update(1)
 
