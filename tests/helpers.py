@@ -8,6 +8,21 @@ SAMPLE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "A Mamba model r
                 "def add(a, b):\n    return a + b\n", "Grüße aus Köln — naïve café, 東京 ✓."] * 4
 
 
+# the words of the small training corpora that the trainer's end-to-end tests write
+WORDS = ("state space models scan the sequence once and carry a fixed size state forward through time "
+         "the selective scan makes the step size depend on the input so the model can choose what to keep ").split()
+
+
+def write_word_corpus(root, n_docs: int = 6, words_per_doc: int = 1500):
+    """root/docs/doc{i}.txt: n_docs documents of WORDS in varied orders. Returns root/docs."""
+    data = root / "docs"
+    data.mkdir()
+    for i in range(n_docs):
+        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(words_per_doc)]
+        (data / f"doc{i}.txt").write_text(" ".join(words) + "\n")
+    return data
+
+
 @functools.cache
 def sample_tokenizer():
     """A byte-level BPE of 300 ids trained on SAMPLE_TEXTS (trained once per test process)."""

@@ -18,20 +18,16 @@ from training import checkpoint as ck
 from training.launch import main, setup
 from training.trainer import TrainingStopped
 
+from helpers import WORDS, write_word_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("state space models scan the sequence once and carry a fixed size state forward through time "
-         "the selective scan makes the step size depend on the input so the model can choose what to keep ").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small folder of documents and a shared cache of its prepared shards."""
     root = tmp_path_factory.mktemp("train")
-    data = root / "docs"
-    data.mkdir()
-    for i in range(6):
-        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(1500)]
-        (data / f"doc{i}.txt").write_text(" ".join(words) + "\n")
+    write_word_corpus(root)
     return root
 
 

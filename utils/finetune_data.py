@@ -75,6 +75,16 @@ class _Skip(Exception):
     """One line cannot be used; the message is the reason."""
 
 
+
+def read_data_file(path: Path) -> str:
+    """The text of a --data file (JSONL of examples or prompts); a missing or unreadable file is a DataError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--data {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"--data {str(path)!r} cannot be read: {err}") from None
+
 def load_task_data(path, task: str, tokenizer, seq_len: int, val_fraction: float) -> TaskData:
     """Read a JSONL file of `task` examples ("sft" or "dpo"), tokenised with the chat template.
 
@@ -89,12 +99,7 @@ def load_task_data(path, task: str, tokenizer, seq_len: int, val_fraction: float
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"--data {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"--data {str(path)!r} cannot be read: {err}") from None
+    text = read_data_file(path)
     report = Report(str(path))
     examples = []
     parse = _sft_example if task == "sft" else _dpo_example

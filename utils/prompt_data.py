@@ -14,7 +14,7 @@ from pathlib import Path
 
 from utils.chat import encode_chat
 from utils.errors import DataError
-from utils.finetune_data import Report, _messages, _Skip, _split
+from utils.finetune_data import Report, _messages, _Skip, _split, read_data_file
 
 
 @dataclass
@@ -43,12 +43,7 @@ def load_prompts(path, tokenizer, max_prompt_tokens: int, val_fraction: float) -
         DataError: the file cannot be read, or no line is usable
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"--data {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"--data {str(path)!r} cannot be read: {err}") from None
+    text = read_data_file(path)
     report = Report(str(path))
     examples = []
     for number, line in enumerate(text.splitlines(), start=1):
