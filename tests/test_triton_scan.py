@@ -154,7 +154,7 @@ def test_interp_fp32_flag_combinations(flags):
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.triton_release)])
 def test_interp_half_inputs(dtype):
     check_scan((2, 4, 19, 8), dtype, "cpu", seed=5)
 
@@ -171,6 +171,52 @@ def test_interp_non_contiguous_inputs():
     assert rel_err(y, y_ref) < 2e-5 and rel_err(last, last_ref) < 2e-5
 
 
+if INTERPRET:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_scan import _adjoint_combine, _affine_combine
+
+    @triton.jit
+    def _scan_tile_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, L: tl.constexpr, N: tl.constexpr,
+                          ADJOINT: tl.constexpr, REVERSE: tl.constexpr):
+        offs = tl.arange(0, L)[:, None] * N + tl.arange(0, N)[None, :]
+        a, b = tl.load(a_ptr + offs), tl.load(b_ptr + offs)
+        if ADJOINT:
+            a, b = tl.associative_scan((a, b), 0, _adjoint_combine, reverse=REVERSE)
+        else:
+            a, b = tl.associative_scan((a, b), 0, _affine_combine, reverse=REVERSE)
+        tl.store(out_a_ptr + offs, a)
+        tl.store(out_b_ptr + offs, b)
+
+
+@interp
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_interp_fast_scan_gives_the_interpreters_bits(adjoint):
+    """conftest.py swaps the interpreter's element-by-element tl.associative_scan for tests/interpreter_scan.py's
+    slice-at-a-time one: with each of the kernels' combine functions, forward and reversed, it must give the
+    interpreter's own results bit for bit (and must have been installed)."""
+    import interpreter_scan
+    from triton.runtime.interpreter import ScanOps
+
+    assert interpreter_scan.ELEMENTWISE_SCAN is not None, "conftest.py did not install the fast scan"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    for reverse in (False, True):
+        results = []
+        for scan in (ScanOps.generic_scan, interpreter_scan.ELEMENTWISE_SCAN):
+            out = torch.empty_like(a), torch.empty_like(b)
+            installed, ScanOps.generic_scan = ScanOps.generic_scan, scan
+            try:
+                _scan_tile_kernel[(1,)](a, b, *out, L=16, N=8, ADJOINT=adjoint, REVERSE=reverse)
+            finally:
+                ScanOps.generic_scan = installed
+            results.append(out)
+        (fast_a, fast_b), (slow_a, slow_b) = results
+        assert torch.equal(fast_a, slow_a) and torch.equal(fast_b, slow_b)
+        assert not torch.equal(fast_b, b)                 # the scan did something
+
+
 @interp
 def test_interp_only_last_state_used():
     """A loss of the last state alone (y unused) still back-propagates through every step."""
@@ -185,7 +231,7 @@ def test_interp_only_last_state_used():
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.triton_release)])
 @pytest.mark.parametrize("batch,dim,dstate", [(2, 5, 16), (1, 3, 7)])
 def test_interp_state_update(dtype, batch, dim, dstate):
     check_state_update(batch, dim, dstate, dtype, "cpu")
