@@ -19,8 +19,8 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    import interpreter_scan      # tl.associative_scan a slice at a time in the interpreter (same bits, much faster)
-    interpreter_scan.install()
+    import interpreter_loops     # the interpreter's scans and reductions a slice at a time (same bits, far faster)
+    interpreter_loops.install()
 
 
 def pytest_addoption(parser):

@@ -178,43 +178,49 @@ if INTERPRET:
     from kernels.triton_scan import _adjoint_combine, _affine_combine
 
     @triton.jit
-    def _scan_tile_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, L: tl.constexpr, N: tl.constexpr,
-                          ADJOINT: tl.constexpr, REVERSE: tl.constexpr):
+    def _scan_flip_reduce_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, sum_a_ptr, sum_b_ptr, L: tl.constexpr,
+                                 N: tl.constexpr, ADJOINT: tl.constexpr, REVERSE: tl.constexpr):
         offs = tl.arange(0, L)[:, None] * N + tl.arange(0, N)[None, :]
         a, b = tl.load(a_ptr + offs), tl.load(b_ptr + offs)
         if ADJOINT:
             a, b = tl.associative_scan((a, b), 0, _adjoint_combine, reverse=REVERSE)
         else:
             a, b = tl.associative_scan((a, b), 0, _affine_combine, reverse=REVERSE)
+        b = tl.flip(b, 0)                                       # xor_sum reductions (an integer user combine)
         tl.store(out_a_ptr + offs, a)
         tl.store(out_b_ptr + offs, b)
+        sum_a, sum_b = tl.reduce((a, b), 0, _affine_combine)    # a float user combine, whose order shows in the bits
+        tl.store(sum_a_ptr + tl.arange(0, N), sum_a)
+        tl.store(sum_b_ptr + tl.arange(0, N), sum_b)
 
 
 @interp
 @pytest.mark.parametrize("adjoint", [False, True])
-def test_interp_fast_scan_gives_the_interpreters_bits(adjoint):
-    """conftest.py swaps the interpreter's element-by-element tl.associative_scan for tests/interpreter_scan.py's
-    slice-at-a-time one: with each of the kernels' combine functions, forward and reversed, it must give the
-    interpreter's own results bit for bit (and must have been installed)."""
-    import interpreter_scan
-    from triton.runtime.interpreter import ScanOps
+def test_interp_fast_loops_give_the_interpreters_bits(adjoint):
+    """conftest.py swaps the interpreter's element-by-element scan and reduce loops for tests/interpreter_loops.py's
+    slice-at-a-time ones: through both of the kernels' combine functions, forward and reversed, tl.flip and a
+    tl.reduce, they must give the interpreter's own results bit for bit (and must have been installed)."""
+    import interpreter_loops
+    from triton.runtime.interpreter import ReduceOps, ScanOps
 
-    assert interpreter_scan.ELEMENTWISE_SCAN is not None, "conftest.py did not install the fast scan"
+    assert set(interpreter_loops.ELEMENTWISE) == {"generic_scan", "generic_reduce"}, "conftest.py did not install"
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(16, 8, generator=g), torch.randn(16, 8, generator=g)
     for reverse in (False, True):
         results = []
-        for scan in (ScanOps.generic_scan, interpreter_scan.ELEMENTWISE_SCAN):
-            out = torch.empty_like(a), torch.empty_like(b)
-            installed, ScanOps.generic_scan = ScanOps.generic_scan, scan
+        for loops in ({}, interpreter_loops.ELEMENTWISE):        # the installed ones, then the interpreter's own
+            out = torch.empty_like(a), torch.empty_like(b), torch.empty(8), torch.empty(8)
+            installed = ScanOps.generic_scan, ReduceOps.generic_reduce
+            ScanOps.generic_scan = loops.get("generic_scan", installed[0])
+            ReduceOps.generic_reduce = loops.get("generic_reduce", installed[1])
             try:
-                _scan_tile_kernel[(1,)](a, b, *out, L=16, N=8, ADJOINT=adjoint, REVERSE=reverse)
+                _scan_flip_reduce_kernel[(1,)](a, b, *out, L=16, N=8, ADJOINT=adjoint, REVERSE=reverse)
             finally:
-                ScanOps.generic_scan = installed
+                ScanOps.generic_scan, ReduceOps.generic_reduce = installed
             results.append(out)
-        (fast_a, fast_b), (slow_a, slow_b) = results
-        assert torch.equal(fast_a, slow_a) and torch.equal(fast_b, slow_b)
-        assert not torch.equal(fast_b, b)                 # the scan did something
+        for fast, own in zip(*results):
+            assert torch.equal(fast, own)
+        assert not torch.equal(results[0][1], b.flip(0))        # the scan did something
 
 
 @interp
