@@ -54,13 +54,25 @@ def _in_triton_release_subset(item) -> bool:
         return True
     varied = 0
     for mark in item.iter_markers("parametrize"):
-        names, values = mark.args[0], mark.args[1]
-        first_name = names.split(",")[0].strip() if isinstance(names, str) else names[0]
-        index = callspec.indices.get(first_name, 0)
-        if index == 0:
+        names, entries = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        entry = _entry_of_case(names, entries, callspec.params)
+        if entry is None or entry is entries[0]:
             continue
-        marks = getattr(values[index], "marks", ())           # a pytest.param carries marks, a plain value none
-        if not any(m.name == "triton_release" for m in marks):
+        if not any(m.name == "triton_release" for m in getattr(entry, "marks", ())):   # only a pytest.param has marks
             return False
         varied += 1
     return varied <= 1
+
+
+_ParameterSet = type(pytest.param())
+
+
+def _entry_of_case(names, entries, params):
+    """The entry of a parametrize list that gave this case its values (pytest keeps the very objects; its
+    callspec.indices numbers the cases, not the entries)."""
+    for entry in entries:
+        values = entry.values if isinstance(entry, _ParameterSet) else (entry,) if len(names) == 1 else entry
+        if all(name in params and params[name] is value for name, value in zip(names, values)):
+            return entry
+    return None

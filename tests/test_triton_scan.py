@@ -195,7 +195,7 @@ if INTERPRET:
 
 
 @interp
-@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("adjoint", [False, pytest.param(True, marks=pytest.mark.triton_release)])
 def test_interp_fast_loops_give_the_interpreters_bits(adjoint):
     """conftest.py swaps the interpreter's element-by-element scan and reduce loops for tests/interpreter_loops.py's
     slice-at-a-time ones: through both of the kernels' combine functions, forward and reversed, tl.flip and a
@@ -203,7 +203,9 @@ def test_interp_fast_loops_give_the_interpreters_bits(adjoint):
     import interpreter_loops
     from triton.runtime.interpreter import ReduceOps, ScanOps
 
-    assert set(interpreter_loops.ELEMENTWISE) == {"generic_scan", "generic_reduce"}, "conftest.py did not install"
+    assert set(interpreter_loops.ELEMENTWISE) == {"generic_scan", "generic_reduce"}, \
+        "tests/interpreter_loops.py found no ScanOps.generic_scan / ReduceOps.generic_reduce in this Triton's " \
+        "interpreter: fit it to this release (without it the scan tests run element by element, several times slower)"
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(16, 8, generator=g), torch.randn(16, 8, generator=g)
     for reverse in (False, True):
