@@ -18,6 +18,7 @@ from kernels.state_update import selective_state_update_torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+release = pytest.mark.triton_release     # an interp_ case .ci/run runs on the other Triton releases too
 
 # Relative error bounds (max |out - ref| / max |ref|). bf16 outputs carry bf16 rounding (2^-8 relative per element).
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
@@ -154,7 +155,7 @@ def test_interp_fp32_flag_combinations(flags):
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.triton_release)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=release)])
 def test_interp_half_inputs(dtype):
     check_scan((2, 4, 19, 8), dtype, "cpu", seed=5)
 
@@ -195,7 +196,7 @@ if INTERPRET:
 
 
 @interp
-@pytest.mark.parametrize("adjoint", [False, pytest.param(True, marks=pytest.mark.triton_release)])
+@pytest.mark.parametrize("adjoint", [False, pytest.param(True, marks=release)])
 def test_interp_fast_loops_give_the_interpreters_bits(adjoint):
     """conftest.py swaps the interpreter's element-by-element scan and reduce loops for tests/interpreter_loops.py's
     slice-at-a-time ones: through both of the kernels' combine functions, forward and reversed, tl.flip and a
@@ -239,7 +240,7 @@ def test_interp_only_last_state_used():
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.triton_release)])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=release)])
 @pytest.mark.parametrize("batch,dim,dstate", [(2, 5, 16), (1, 3, 7)])
 def test_interp_state_update(dtype, batch, dim, dstate):
     check_state_update(batch, dim, dstate, dtype, "cpu")
