@@ -18,10 +18,13 @@ from kernels.causal_conv import causal_conv1d_ref, resolve_conv_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+release = pytest.mark.triton_release     # an interp_ case .ci/run runs on the other Triton releases too
 
 # Relative error bounds (max |out - ref| / max |ref|); half-precision outputs carry their rounding.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 LAYOUTS = ("model", "contiguous")      # a transposed view of a (b, l, 2d) slice (channels contiguous); (b, d, l)
+# ... as interp_ parameters: the other Triton releases (.ci/run) see both
+LAYOUT_CASES = ("model", pytest.param("contiguous", marks=release))
 
 
 def rel_err(out, ref):
@@ -101,7 +104,7 @@ def poison_empty(monkeypatch):
 # ---------------------------------------------------------------- CPU, under the interpreter (small shapes)
 
 @interp
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 5, 2, 4), (2, 5, 3, 4), (1, 33, 17, 3), (2, 129, 5, 2),
                                    (1, 3, 131, 4), (3, 17, 2, 3), (1, 6, 9, 8)])
 def test_interp_shapes(shape, layout, poison_empty):
@@ -109,7 +112,7 @@ def test_interp_shapes(shape, layout, poison_empty):
 
 
 @interp
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
 @pytest.mark.parametrize("with_bias,activation,with_mask", [(False, None, False), (True, None, True),
                                                             (False, "silu", True), (True, "silu", False)])
 def test_interp_flags(with_bias, activation, with_mask, layout):
@@ -118,9 +121,9 @@ def test_interp_flags(with_bias, activation, with_mask, layout):
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("weight_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=release)])
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
+@pytest.mark.parametrize("weight_dtype", ["fp32", pytest.param("same", marks=release)])
 def test_interp_half_inputs(dtype, layout, weight_dtype):
     """bf16/fp16 x with fp32 weights (autocast) or weights in x's dtype."""
     check_conv(2, 33, 19, 4, dtype=dtype, layout=layout, seed=5,
@@ -128,7 +131,7 @@ def test_interp_half_inputs(dtype, layout, weight_dtype):
 
 
 @interp
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
 def test_interp_many_time_segments(layout, monkeypatch):
     """Several backward programs along time (each adds its share of dw/dbias), the last one ragged."""
     import kernels.triton_conv as triton_conv
@@ -160,8 +163,8 @@ def check_bwd_kernel(batch, dim, seqlen, k, layout, kernel, dtype=torch.float32,
 
 
 @interp
-@pytest.mark.parametrize("kernel", ["rows", "tiles"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kernel", ["rows", pytest.param("tiles", marks=release)])
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 9, 23, 2), (1, 3, 13, 8)])
 def test_interp_backward_kernels(shape, layout, kernel):
     """Each backward kernel on each layout (auto picks rows for the model's, tiles for (b, d, l))."""
@@ -170,7 +173,7 @@ def test_interp_backward_kernels(shape, layout, kernel):
 
 @interp
 @pytest.mark.parametrize("config", [dict(segment=8, warps=1, block_l=4, prefetch=True),
-                                    dict(segment=12, warps=2, block_l=4, prefetch=False),
+                                    pytest.param(dict(segment=12, warps=2, block_l=4, prefetch=False), marks=release),
                                     dict(segment=8, warps=1, block_l=8, prefetch=False)])
 def test_interp_rows_backward_configs(config):
     """The rows backward's tile choices, with the compiled kernel's 4-row tile (the interpreter's default is 16):
@@ -181,7 +184,8 @@ def test_interp_rows_backward_configs(config):
 
 
 @interp
-@pytest.mark.parametrize("with_bias,with_mask,silu", [(False, False, True), (True, True, False)])
+@pytest.mark.parametrize("with_bias,with_mask,silu", [(False, False, True),
+                                                      pytest.param(True, True, False, marks=release)])
 def test_interp_rows_backward_flags(with_bias, with_mask, silu):
     check_bwd_kernel(2, 40, 11, 3, "model", "rows", with_bias=with_bias, with_mask=with_mask, silu=silu, seed=8)
 
@@ -312,9 +316,10 @@ def test_update_steps_continue_the_prefill(dtype):
 
 
 @interp
-@pytest.mark.parametrize("dtype,state_dtype,k,dim,with_bias", [(torch.float32, torch.float32, 4, 5, True),
-                                                                (torch.bfloat16, torch.bfloat16, 3, 33, False),
-                                                                (torch.float16, torch.float32, 1, 7, True)])
+@pytest.mark.parametrize("dtype,state_dtype,k,dim,with_bias", [
+    (torch.float32, torch.float32, 4, 5, True),
+    pytest.param(torch.bfloat16, torch.bfloat16, 3, 33, False, marks=release),
+    pytest.param(torch.float16, torch.float32, 1, 7, True, marks=release)])
 def test_interp_update_kernel(dtype, state_dtype, k, dim, with_bias):
     """The one-kernel decoding step against the PyTorch step: y and the shifted window, several steps running."""
     g = torch.Generator().manual_seed(dim)

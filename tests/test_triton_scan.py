@@ -18,6 +18,7 @@ from kernels.state_update import selective_state_update_torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
+release = pytest.mark.triton_release     # an interp_ case .ci/run runs on the other Triton releases too
 
 # Relative error bounds (max |out - ref| / max |ref|). bf16 outputs carry bf16 rounding (2^-8 relative per element).
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
@@ -154,7 +155,7 @@ def test_interp_fp32_flag_combinations(flags):
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=release)])
 def test_interp_half_inputs(dtype):
     check_scan((2, 4, 19, 8), dtype, "cpu", seed=5)
 
@@ -171,6 +172,60 @@ def test_interp_non_contiguous_inputs():
     assert rel_err(y, y_ref) < 2e-5 and rel_err(last, last_ref) < 2e-5
 
 
+if INTERPRET:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_scan import _adjoint_combine, _affine_combine
+
+    @triton.jit
+    def _scan_flip_reduce_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, sum_a_ptr, sum_b_ptr, L: tl.constexpr,
+                                 N: tl.constexpr, ADJOINT: tl.constexpr, REVERSE: tl.constexpr):
+        offs = tl.arange(0, L)[:, None] * N + tl.arange(0, N)[None, :]
+        a, b = tl.load(a_ptr + offs), tl.load(b_ptr + offs)
+        if ADJOINT:
+            a, b = tl.associative_scan((a, b), 0, _adjoint_combine, reverse=REVERSE)
+        else:
+            a, b = tl.associative_scan((a, b), 0, _affine_combine, reverse=REVERSE)
+        b = tl.flip(b, 0)                                       # xor_sum reductions (an integer user combine)
+        tl.store(out_a_ptr + offs, a)
+        tl.store(out_b_ptr + offs, b)
+        sum_a, sum_b = tl.reduce((a, b), 0, _affine_combine)    # a float user combine, whose order shows in the bits
+        tl.store(sum_a_ptr + tl.arange(0, N), sum_a)
+        tl.store(sum_b_ptr + tl.arange(0, N), sum_b)
+
+
+@interp
+@pytest.mark.parametrize("adjoint", [False, pytest.param(True, marks=release)])
+def test_interp_fast_loops_give_the_interpreters_bits(adjoint):
+    """conftest.py swaps the interpreter's element-by-element scan and reduce loops for tests/interpreter_loops.py's
+    slice-at-a-time ones: through both of the kernels' combine functions, forward and reversed, tl.flip and a
+    tl.reduce, they must give the interpreter's own results bit for bit (and must have been installed)."""
+    import interpreter_loops
+    from triton.runtime.interpreter import ReduceOps, ScanOps
+
+    assert set(interpreter_loops.ELEMENTWISE) == {"generic_scan", "generic_reduce"}, \
+        "tests/interpreter_loops.py found no ScanOps.generic_scan / ReduceOps.generic_reduce in this Triton's " \
+        "interpreter: fit it to this release (without it the scan tests run element by element, several times slower)"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    for reverse in (False, True):
+        results = []
+        for loops in ({}, interpreter_loops.ELEMENTWISE):        # the installed ones, then the interpreter's own
+            out = torch.empty_like(a), torch.empty_like(b), torch.empty(8), torch.empty(8)
+            installed = ScanOps.generic_scan, ReduceOps.generic_reduce
+            ScanOps.generic_scan = loops.get("generic_scan", installed[0])
+            ReduceOps.generic_reduce = loops.get("generic_reduce", installed[1])
+            try:
+                _scan_flip_reduce_kernel[(1,)](a, b, *out, L=16, N=8, ADJOINT=adjoint, REVERSE=reverse)
+            finally:
+                ScanOps.generic_scan, ReduceOps.generic_reduce = installed
+            results.append(out)
+        for fast, own in zip(*results):
+            assert torch.equal(fast, own)
+        assert not torch.equal(results[0][1], b.flip(0))        # the scan did something
+
+
 @interp
 def test_interp_only_last_state_used():
     """A loss of the last state alone (y unused) still back-propagates through every step."""
@@ -185,7 +240,7 @@ def test_interp_only_last_state_used():
 
 
 @interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=release)])
 @pytest.mark.parametrize("batch,dim,dstate", [(2, 5, 16), (1, 3, 7)])
 def test_interp_state_update(dtype, batch, dim, dstate):
     check_state_update(batch, dim, dstate, dtype, "cpu")
