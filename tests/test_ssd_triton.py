@@ -192,7 +192,7 @@ def test_triton_needs_cuda_or_interpreter():
 
 
 def test_triton_backward_choice_is_checked():
-    from kernels.triton_ssd import ssd_scan_triton
+    from kernels.triton_ssd_scan import ssd_scan_triton
     x, dt, A, B, C, *_ = [t.detach() for t in make_inputs(l=5)]
     with pytest.raises(ValueError, match="backward must be 'kernels' or 'vjp'"):
         ssd_scan_triton(x, dt, A, B, C, backward="fast")
@@ -261,7 +261,7 @@ def grads_on_device(inputs, backend, chunk, backward="kernels"):
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_states=h0, return_final_states=True,
                   chunk_size=chunk)
     if backend == "triton":
-        from kernels.triton_ssd import ssd_scan_triton
+        from kernels.triton_ssd_scan import ssd_scan_triton
         y, final = ssd_scan_triton(x, dt, A, B, C, backward=backward, **kwargs)
     else:
         y, final = ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)
