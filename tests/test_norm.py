@@ -87,7 +87,7 @@ def check_norm(shape, x_dtype, res_dtype, device="cpu", seed=0, out_dtype=None, 
 # ---------------------------------------------------------------- CPU, no Triton needed
 
 def test_reference_matches_model_rmsnorm():
-    from models.mamba import RMSNorm
+    from models.layers.base import RMSNorm
     norm = RMSNorm(33, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(33))

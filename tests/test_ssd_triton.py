@@ -175,7 +175,7 @@ def test_interp_model_with_triton_scan():
     results = []
     for backend in ("chunked", "triton"):
         model = make_model(scan_backend=backend)
-        assert model.kernels_for(torch.device("cpu")).scan == backend
+        assert model.kernels_for(torch.device("cpu")).mamba2.scan == backend
         _, loss = model(ids, targets=ids, return_logits=False)
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
@@ -324,7 +324,7 @@ def test_gpu_model_gradients_match_chunked():
     results = []
     for backend in ("chunked", "triton"):
         model = make_model(scan_backend=backend, ngroups=2, dt_limit=(0.01, 5.0), chunk_size=64).cuda()
-        assert model.kernels_for(ids.device).scan == backend
+        assert model.kernels_for(ids.device).mamba2.scan == backend
         _, loss = model(ids, targets=ids, return_logits=False)
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
