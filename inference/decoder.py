@@ -8,7 +8,7 @@ the logits) and each token replays it: one launch per token. Optionally the step
 torch.compile, which traces the per-op step and fuses its elementwise work itself.
 On the CPU the same step runs eagerly.
 
-Shape letters as in models/mamba.py: b batch, l prompt length, v padded vocabulary.
+Shape letters as in models/lm.py: b batch, l prompt length, v padded vocabulary.
 """
 from __future__ import annotations
 

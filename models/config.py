@@ -113,7 +113,7 @@ def _check_int(name, value, minimum, extra=""):
 @dataclass
 class Mamba2Config:
     """The shape and initialisation of a Mamba-2 language model (Dao & Gu, "Transformers are SSMs"; mamba_ssm's
-    Mamba2 mixer inside MambaLMHeadModel). Defaults are mamba_ssm's. models/hf_format_mamba2.py maps the fields to
+    Mamba2 mixer inside MambaLMHeadModel). Defaults are mamba_ssm's. models/formats/hf_mamba2.py maps the fields to
     and from HF transformers' Mamba2Config (hidden_size, num_heads, head_dim, n_groups, ...)."""
     family: ClassVar[str] = "mamba2"
     d_model: int                        # width of the residual stream

@@ -1,5 +1,5 @@
 """add_rms_norm: the Triton kernels against the PyTorch reference (normed, new_residual, and the gradients of x,
-residual and weight through both outputs), and the reference against models/mamba.py's RMSNorm.
+residual and weight through both outputs), and the reference against models/layers/base.py's RMSNorm.
 
 As in test_triton_scan.py, the kernels run on the CPU only under Triton's interpreter, switched on before Triton is
 imported: `test_interpreter_suite` re-runs this module with TRITON_INTERPRET=1 and the `interp` tests run there.
