@@ -14,8 +14,8 @@ the chunked form below run on matmuls.
 Backends, all with the signature of `ssd_scan`:
     "ref"      ssd_scan_ref (kernels/ssd_reference.py): the recurrence above, one step at a time (the spec; slow)
     "chunked"  kernels/ssd_chunked.py: the four-step chunked SSD algorithm in pure PyTorch (matmuls; CPU and GPU)
-    "triton"   kernels/triton_ssd_scan.py: the same four steps as Triton kernels (kernels/triton_ssd.py) (CUDA, or CPU under TRITON_INTERPRET=1),
-               and a Triton backward (kernels/triton_ssd_bwd.py)
+    "triton"   kernels/triton_ssd_scan.py: the same four steps as Triton kernels (forward kernels/triton_ssd.py,
+               backward kernels/triton_ssd_bwd.py; CUDA, or CPU under TRITON_INTERPRET=1)
     "auto"     triton for CUDA tensors when Triton imports, chunked otherwise
 This module is the only place that decides which backend runs.
 
