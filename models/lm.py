@@ -163,7 +163,9 @@ class LanguageModel(nn.Module):
 
     def _choose_kernels(self, device: torch.device) -> ModelKernels:
         """Each layer kind's kernels for `device`, for the kinds the pattern has (called once per device type)."""
-        requested, pattern = self.spec.scan_backend, self.spec.pattern
+        # the backend asked for is read from the config the model was made from: a loader may set it there after
+        # building the model (training/checkpoint.py), before the first forward
+        requested, pattern = self.config.scan_backend, self.spec.pattern
         mamba1 = mamba2 = None
         parts = []
         if "M" in pattern:
