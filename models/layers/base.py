@@ -108,4 +108,5 @@ class Layer(nn.Module):
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
+        """Draw every parameter afresh, as the layer's construction does."""
         raise NotImplementedError

@@ -162,8 +162,12 @@ class Mamba1Layer(Layer):
 
     @torch.no_grad()
     def reset_parameters(self):
+        """Every parameter drawn afresh: PyTorch's init of the projections and the conv, then the released one."""
         nn.init.ones_(self.norm.weight)
-        self.mixer.reset_parameters()
+        m = self.mixer
+        for module in (m.in_proj, m.conv1d, m.x_proj, m.dt_proj, m.out_proj):
+            module.reset_parameters()
+        m.reset_parameters()
 
     def _residual_dtype(self) -> torch.dtype:
         return torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype

@@ -161,9 +161,13 @@ class Mamba2Layer(Layer):
 
     @torch.no_grad()
     def reset_parameters(self):
+        """Every parameter drawn afresh: PyTorch's init of the projections and the conv, then the released one."""
+        m = self.mixer
         nn.init.ones_(self.norm.weight)
-        nn.init.ones_(self.mixer.norm.weight)
-        self.mixer.reset_parameters()
+        nn.init.ones_(m.norm.weight)
+        for module in (m.in_proj, m.conv1d, m.out_proj):
+            module.reset_parameters()
+        m.reset_parameters()
 
     def forward(self, h, residual=None, ctx=None, state=None, kernels: ModelKernels = ModelKernels()):
         """h, residual: (b, l, d) -> (mixer output, residual), both (b, l, d)."""
