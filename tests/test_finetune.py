@@ -80,7 +80,7 @@ def test_template_mask_covers_exactly_the_assistant_turns(base, tmp_path):
 
 
 def test_vocab_grows_for_the_chat_tokens_and_keeps_the_padding_rule(base):
-    model = LanguageModel.from_pretrained(base)
+    model = LanguageModel.from_pretrained(base, family="mamba1")
     tok = chat_tokenizer(base)
     x = torch.tensor([Tokenizer.load(base).encode("the cat sat")])
     before = model(x)[0]
@@ -152,7 +152,7 @@ def _pairs(tok, n):
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_dpo_starts_at_ln2_and_learns(base, use_lora):
     tok = chat_tokenizer(base)
-    model = LanguageModel.from_pretrained(base)
+    model = LanguageModel.from_pretrained(base, family="mamba1")
     resize_vocab(model, tok.vocab_size)
     if use_lora:
         lora.apply_lora(model, lora.LoRAConfig(targets=["in_proj", "x_proj", "dt_proj"], rank=4))

@@ -83,7 +83,7 @@ def test_exact_resume_and_checkpoint_format(corpus, tmp_path):
     model, tokenizer, found = ck.load_model_and_tokenizer(straight)
     assert found.name == "step_000008"
     ids = torch.tensor([tokenizer.encode("the selective scan makes the step size")])
-    ours = LanguageModel.from_pretrained(straight / "step_000008").eval()
+    ours = LanguageModel.from_pretrained(straight / "step_000008", family="mamba1").eval()
     hf = MambaForCausalLM.from_pretrained(straight / "step_000008").eval()
     with torch.no_grad():
         lo, _ = ours(ids)
