@@ -36,7 +36,7 @@ from kernels.ssd import resolve_ssd_backend
 from .config import ATTENTION_SYMBOLS, ModelConfig
 from .layers import LAYERS
 from .layers.attention import AttentionContext, positions_from_mask, rope_tables
-from .layers.base import KernelChoice, ModelKernels, RMSNorm, compute_dtype
+from .layers.base import REFERENCE, KernelChoice, ModelKernels, RMSNorm, compute_dtype
 from .sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
@@ -182,14 +182,14 @@ class LanguageModel(nn.Module):
             parts.append(f"SSD scan {ssd} (requested {requested!r}){note}, causal conv {mamba2.conv}, "
                          f"add+RMSNorm {mamba2.norm}, gated RMSNorm torch")
         # attention / MLP norms and the final norm: as the Mamba layers' (so "M" * n computes what it always did)
-        norm = (mamba1 or mamba2).norm if (mamba1 or mamba2) else KernelChoice.for_scan(
+        mamba = mamba1 or mamba2
+        norm = mamba.norm if mamba else KernelChoice.for_scan(
             resolve_or_fall_back(resolve_backend, requested, device, "scan")).norm
         if set(pattern) - {"M", "2"}:
-            parts.append(f"attention SDPA, add+RMSNorm {norm}")
+            parts.append(f"attention SDPA / MLP, add+RMSNorm {norm}")
         logger.info("kernels on %s for pattern %s: %s; LM loss chunked", device.type, _short(pattern),
                     "; ".join(parts))
-        return ModelKernels(**{k: v for k, v in (("mamba1", mamba1), ("mamba2", mamba2)) if v is not None},
-                            norm=norm)
+        return ModelKernels(mamba1=mamba1 or REFERENCE, mamba2=mamba2 or REFERENCE, norm=norm)
 
     # ---- cache --------------------------------------------------------------------------------------------------
 
