@@ -364,6 +364,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.{name} must not set {clash}: they are the whole model's fields")
         return {**own, **shared}
 
+    def to_model_config(self) -> "ModelConfig":
+        """Itself: the one config every preset stands for."""
+        return self
+
     def shape_dict(self) -> dict:
         """The fields that decide the tensors' shapes (a checkpoint must agree on all of them)."""
         return {"d_model": self.d_model, "n_layer": self.n_layer, "vocab_size": self.vocab_size,

@@ -119,8 +119,9 @@ class LanguageModel(nn.Module):
         """config: a ModelConfig, or a family preset that stands for one (MambaConfig, Mamba2Config)."""
         super().__init__()
         self.config = config                    # what the model was made from: the checkpoint formats write it
-        spec = config.to_model_config() if not isinstance(config, ModelConfig) else config
-        self.spec: ModelConfig = spec           # the pattern and every layer kind's settings
+        spec = config.to_model_config()
+        self.spec: ModelConfig = spec           # the pattern and every layer kind's settings (config itself if a
+                                                # ModelConfig)
         self.has_attention = any(s in ATTENTION_SYMBOLS for s in spec.pattern)
         self.backbone = nn.ModuleDict(dict(
             embeddings=nn.Embedding(spec.padded_vocab_size, spec.d_model),
