@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .backends import resolve
+from .ssd_chunked import ssd_scan_chunked
 from .ssd_reference import _skip_and_gate, process_dt, ssd_scan_ref
 
 SSD_BACKENDS = ("auto", "ref", "chunked", "triton")
@@ -35,7 +37,6 @@ DEFAULT_CHUNK_SIZE = 256
 
 def resolve_ssd_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; an explicit one that cannot run is an error saying why."""
-    from .backends import resolve
     return resolve("SSD", backend, SSD_BACKENDS, device, pytorch_path="chunked")
 
 
@@ -43,9 +44,8 @@ def _implementation(name: str):
     if name == "ref":
         return ssd_scan_ref
     if name == "triton":
-        from .triton_ssd_scan import ssd_scan_triton
+        from .triton_ssd_scan import ssd_scan_triton     # imports Triton: only when asked for
         return ssd_scan_triton
-    from .ssd_chunked import ssd_scan_chunked
     return ssd_scan_chunked
 
 
