@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.mamba as mamba_module  # noqa: E402
+import models.layers.mamba1 as mamba_module  # noqa: E402
 from inference import Decoder  # noqa: E402
 from kernels import state_update  # noqa: E402
-from models import MambaConfig, MambaLanguageModel  # noqa: E402
+from models import MambaConfig, LanguageModel  # noqa: E402
 from models.sampling import SamplingParams, sample  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -55,9 +55,9 @@ PREVIOUS_PATH = ("graph", "triton")        # the default before kernels/triton_d
 
 def use_step_path(model, device, path: str, default) -> None:
     """Route the model's decoding step to one path (STEP_PATHS), on the same weights; path None: back to `default`
-    (the model's own KernelChoice) and the automatic state update."""
-    step, state_update_backend = STEP_PATHS[path] if path else (default.step, "auto")
-    model.use_kernels(device, dataclasses.replace(default, step=step))
+    (the model's own ModelKernels) and the automatic state update."""
+    step, state_update_backend = STEP_PATHS[path] if path else (default.mamba1.step, "auto")
+    model.use_kernels(device, dataclasses.replace(default, mamba1=dataclasses.replace(default.mamba1, step=step)))
     # the per-op step always asks for "auto"; a benchmark pins its backend here
     mamba_module.selective_state_update = functools.partial(state_update.selective_state_update,
                                                             backend=state_update_backend)
@@ -360,7 +360,7 @@ def main():
         args.batches, args.contexts, args.prompt_len, args.new_tokens = [1, 64], [1024, 16384], 128, 256
         args.hf_tokens, args.hf_check_tokens = 64, 32
     torch.manual_seed(0)
-    model = MambaLanguageModel(MambaConfig(**shape)).to(device=device, dtype=args.dtype_t).eval()
+    model = LanguageModel(MambaConfig(**shape)).to(device=device, dtype=args.dtype_t).eval()
     with torch.no_grad():
         # the released init leaves logits nearly uniform; spread them so greedy comparisons are not decided by ties
         model.backbone.embeddings.weight.normal_(0, 1.0)

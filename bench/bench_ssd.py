@@ -65,7 +65,7 @@ def run_variant(inputs, backend, backward, chunk, with_grad):
     x, dt, A, B, C, D, dt_bias = inputs
     kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk)
     if backend == "triton":
-        from kernels.triton_ssd import ssd_scan_triton
+        from kernels.triton_ssd_scan import ssd_scan_triton
         y = ssd_scan_triton(x, dt, A, B, C, backward=backward, **kwargs)
     else:
         y = ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)

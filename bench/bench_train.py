@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE, MODEL_SIZES, count_parameters, model_config  # noqa: E402
 from configs.vram import VRAM_CHOICES  # noqa: E402
-from models import MambaLanguageModel  # noqa: E402
+from models import LanguageModel  # noqa: E402
 from training.config import resolve_config  # noqa: E402
 from training.distributed import DistInfo  # noqa: E402
 from training.graph_step import WARMUP_STEPS  # noqa: E402
@@ -62,7 +62,7 @@ def _reset():
 
 def _trainer(cfg, backend, data, device, run_dir):
     mc = model_config(cfg.model_size, DEFAULT_VOCAB_SIZE, scan_backend=backend)
-    model = MambaLanguageModel(mc)
+    model = LanguageModel(mc)
     precision = resolve_precision(cfg.precision, device)
     return Trainer(cfg, model, _Tok(), data, device, precision, DistInfo(), run_dir, log=print)
 

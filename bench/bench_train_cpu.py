@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import available_backends  # noqa: E402
-from models import MambaConfig, MambaLanguageModel  # noqa: E402
+from models import MambaConfig, LanguageModel  # noqa: E402
 
 
 def train_step(model, optimizer, x, y):
@@ -65,7 +65,7 @@ def main(argv=None):
         torch.manual_seed(0)
         config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size,
                              d_state=args.d_state, scan_backend=backend)
-        model = MambaLanguageModel(config).train()
+        model = LanguageModel(config).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         gen = torch.Generator().manual_seed(0)
         data = torch.randint(0, args.vocab_size, (args.steps + 1, args.batch_size, args.seq_len + 1), generator=gen)

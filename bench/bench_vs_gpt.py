@@ -8,8 +8,8 @@
     python bench/bench_vs_gpt.py --device cpu --tiny          # a smoke test of this script on the CPU
 
 The same step for both: fp32 weights, bf16 autocast (CUDA), fused AdamW (CUDA), an fp32 loss, one optimizer step per
-batch; random tokens. Ours is models/mamba.py at mamba-130m's shape (d_model 768 x 24 layers, d_state 16, vocabulary
-50,280) with every fused kernel the device has and the chunked loss (forward(..., return_logits=False)), as the
+batch; random tokens. Ours is models/lm.py ("M" * 24) at mamba-130m's shape (d_model 768 x 24 layers, d_state 16,
+vocabulary 50,280) with every fused kernel the device has and the chunked loss (forward(..., return_logits=False)), as the
 Trainer runs it; the GPT is bench/gpt_baseline.py (12 layers x 768, SDPA, plain fp32 cross-entropy over all logits).
 
 --step picks how our step is launched (a comma-separated list measures several, each its own model, same weights):

@@ -1,5 +1,5 @@
 """Decoding cache per sequence for every hybrid preset at a 4k and a 32k context, computed from the cache's
-tensor shapes (models/hybrid.py init_cache on the meta device: nothing is allocated or measured).
+tensor shapes (models/lm.py init_cache on the meta device: nothing is allocated or measured).
 
 Conv states and KV caches in bf16, SSM states in fp32 (as decoding keeps them).
     python bench/cache_memory.py

@@ -4,10 +4,10 @@ Every arm gets the same tokenizer, data order (one BatchSampler seed), sequence 
 and token budget; only the layer pattern (and the transformer's MLP width, to match parameters) differs. Arms
 (d_model 512, all within 5% of each other in total and in non-embedding parameters; `--check` prints them):
 
-    mamba1        "M" x 24                         Mamba-1 (models/mamba.py)
+    mamba1        "M" x 24                         Mamba-1 (models/layers/mamba1.py)
     transformer   "T" x 12, d_ff 1536              Transformer++ (RoPE, RMSNorm, SwiGLU), 8 heads of 64
     hybrid        25 layers, A at 4, 12, 20        ~1:7 attention : Mamba-1 (attention neither first nor last)
-    mamba2        "2" x 24                         Mamba-2 (models/mamba2.py), headdim 64, d_state 128
+    mamba2        "2" x 24                         Mamba-2 (models/layers/mamba2.py), headdim 64, d_state 128
     hybrid2       25 layers, A at 4, 12, 20        ~1:7 attention : Mamba-2
     hybrid-seed2  hybrid with init seed 2          the spread between two seeds of one arm (same data order)
 

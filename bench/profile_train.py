@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE, model_config  # noqa: E402
-from models import MambaLanguageModel  # noqa: E402
+from models import LanguageModel  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
         sys.exit("profile_train.py needs a CUDA GPU (it profiles CUDA time)")
 
     device = torch.device("cuda")
-    model = MambaLanguageModel(model_config(args.model_size, DEFAULT_VOCAB_SIZE, scan_backend=args.backend)).to(device)
+    model = LanguageModel(model_config(args.model_size, DEFAULT_VOCAB_SIZE, scan_backend=args.backend)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = torch.compile(model) if args.compile else model
     x = torch.randint(0, DEFAULT_VOCAB_SIZE, (args.batch, args.seq_len + 1), device=device)

@@ -1,7 +1,7 @@
 """Hybrid-family presets as data: widths per size and named layer patterns (python train.py --family hybrid).
 
 A size sets the width, the heads and a depth counted in Mamba-layer units; a named pattern turns that depth into
-one symbol per layer (models/hybrid_config.LAYER_SYMBOLS). A transformer block (T: attention + MLP, ~12 d^2
+one symbol per layer (models/config.LAYER_SYMBOLS). A transformer block (T: attention + MLP, ~12 d^2
 parameters) is about two Mamba-1 blocks (~6.2 d^2 at expand 2), so "transformer" uses depth / 2 layers and the
 named patterns of one size land within ~6% of the pure-Mamba model's parameters, except "alternating" (an A layer,
 ~4 d^2, replaces every other M: ~84%). `python -m configs.model_sizes` prints every count. medium + "transformer" is
@@ -12,7 +12,7 @@ A pattern given as symbols instead of a name sets the depth itself (n_layer = it
 """
 from __future__ import annotations
 
-from models.hybrid_config import LAYER_SYMBOLS, HybridConfig, check_pattern, describe_symbols
+from models.config import LAYER_SYMBOLS, HybridConfig, check_pattern, describe_symbols
 
 HYBRID_SIZES = {
     #          width, depth (Mamba-layer units), heads, kv heads; Mamba-2 settings as configs/model_sizes.py

@@ -8,7 +8,7 @@ the logits) and each token replays it: one launch per token. Optionally the step
 torch.compile, which traces the per-op step and fuses its elementwise work itself.
 On the CPU the same step runs eagerly.
 
-Shape letters as in models/mamba.py: b batch, l prompt length, v padded vocabulary.
+Shape letters as in models/lm.py: b batch, l prompt length, v padded vocabulary.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from models import MambaLanguageModel
+from models import LanguageModel
 from models.sampling import SamplingParams, sample
 
 
@@ -41,10 +41,10 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> 
 
 
 class Decoder:
-    """Decodes a fixed-size batch from a MambaLanguageModel; build once, reuse for many prompts of that batch size.
+    """Decodes a fixed-size batch from a LanguageModel; build once, reuse for many prompts of that batch size.
 
     Args:
-        model: a MambaLanguageModel in eval mode (any device and dtype)
+        model: a LanguageModel in eval mode (any device and dtype)
         batch_size: sequences per batch (the CUDA graph is captured for this size)
         cuda_graph: capture the step in a CUDA graph; None = yes on CUDA, no elsewhere
         compile: torch.compile the step first (fuses elementwise ops; compiling takes a while on first use)
@@ -52,7 +52,7 @@ class Decoder:
             pre-allocated to this many slots) have such a limit, a pure Mamba model's state does not grow
     """
 
-    def __init__(self, model: MambaLanguageModel, batch_size: int, cuda_graph: bool | None = None,
+    def __init__(self, model: LanguageModel, batch_size: int, cuda_graph: bool | None = None,
                  compile: bool = False, max_length: int = 2048):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")

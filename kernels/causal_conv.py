@@ -17,7 +17,7 @@ Backends, all with the signature of `causal_conv1d` below:
 
 Layout. x may have any strides. In the model it is a transposed view of the (b, l, 2 d) in_proj output, channels
 contiguous; it may also be a contiguous (b, d, l) tensor. y (and the gradient of x) is allocated in the same dim
-order as x (see `empty_like_order`), so that the next op reads it the way it read x.
+order as x (see kernels/layout.py), so that the next op reads it the way it read x.
 
 `causal_conv1d_update` is the one-token step of decoding (PyTorch), the step SelectiveSSM.step takes today.
 """
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .backends import resolve, triton_importable
 from .documents import check_seq_idx
+from .layout import empty_like_order
 
 CONV_BACKENDS = ("auto", "torch", "triton")
 ACTIVATIONS = (None, "silu")
@@ -36,21 +37,6 @@ ACTIVATIONS = (None, "silu")
 def resolve_conv_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; check that an explicit one can run there."""
     return resolve("conv", backend, CONV_BACKENDS, device, pytorch_path="torch")
-
-
-def channels_contiguous(x: torch.Tensor) -> bool:
-    """True when x (b, d, l) is a transposed view of (b, l, d)-ordered storage (channels contiguous)."""
-    return x.stride(1) == 1 and x.stride(2) != 1
-
-
-def empty_like_order(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty (b, d, l) tensor in x's dim order: a transposed view of a contiguous (b, l, d) tensor when x's
-    channels are contiguous, else contiguous (b, d, l)."""
-    b, d, l = x.shape
-    dtype = dtype or x.dtype
-    if channels_contiguous(x):
-        return torch.empty(b, l, d, device=x.device, dtype=dtype).transpose(1, 2)
-    return torch.empty(b, d, l, device=x.device, dtype=dtype)
 
 
 def fill_conv_state(conv_state, x, mask=None):

@@ -19,7 +19,7 @@ Backends, one signature each:
               state update + D skip + gate; block: the norm and in_proj join the first). At batch 1 a decoding
               step is a chain of tiny kernels whose cost is their count, so this is what decides the per-token
               time. CUDA, or CPU tensors under TRITON_INTERPRET=1
-The model (models/mamba.py MambaBlock.step, SelectiveSSM.step) picks one from its KernelChoice.step.
+The model (models/layers/mamba1.py Mamba1Layer.step, SelectiveSSM.step) picks one from its KernelChoice.step.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
     loss = mean over tokens with target != ignore_index of  logsumexp(hidden_t @ W^T) - (hidden_t @ W^T)[target_t]
 
-The plain way (`linear_cross_entropy_plain`, what models/mamba.py does today) materialises the logits of every
-token, their fp32 copy and the fp32 gradient of that copy: at 8 x 2048 tokens and a 50280-word vocabulary that is
+The plain way (`linear_cross_entropy_plain`, what models/lm.py does with return_logits=True) materialises the logits
+of every token, their fp32 copy and the fp32 gradient of that copy: at 8 x 2048 tokens and a 50280-word vocabulary that is
 16384 * 50280 * (2 + 4 + 4 + 2) bytes ~ 9.9 GB for one loss.
 
 `linear_cross_entropy` walks the tokens in chunks instead. For each chunk, inside the forward:
@@ -56,7 +56,7 @@ def compute_dtype_for(hidden: torch.Tensor) -> torch.dtype:
 
 
 def linear_cross_entropy_plain(hidden, weight, targets, ignore_index=-100):
-    """The reference: full logits, then F.cross_entropy on their fp32 copy (models/mamba.py's loss)."""
+    """The reference: full logits, then F.cross_entropy on their fp32 copy (models/lm.py with return_logits=True)."""
     logits = F.linear(hidden, weight)                                            # (..., V)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)

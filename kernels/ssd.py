@@ -19,10 +19,10 @@ The decay exp(dt_t * A) is one scalar per head and step (Mamba-1 has one per cha
 the chunked form below run on matmuls.
 
 Backends, all with the signature of `ssd_scan`:
-    "ref"      ssd_scan_ref here: the recurrence above, one step at a time (the spec; slow)
+    "ref"      ssd_scan_ref (kernels/ssd_reference.py): the recurrence above, one step at a time (the spec; slow)
     "chunked"  kernels/ssd_chunked.py: the four-step chunked SSD algorithm in pure PyTorch (matmuls; CPU and GPU)
-    "triton"   kernels/triton_ssd.py: the same four steps as Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1),
-               and a Triton backward (kernels/triton_ssd_bwd.py)
+    "triton"   kernels/triton_ssd_scan.py: the same four steps as Triton kernels (forward kernels/triton_ssd.py,
+               backward kernels/triton_ssd_bwd.py; CUDA, or CPU under TRITON_INTERPRET=1)
     "auto"     triton for CUDA tensors when Triton imports, chunked otherwise
 This module is the only place that decides which backend runs.
 
@@ -33,7 +33,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .backends import resolve
+from .ssd_chunked import ssd_scan_chunked
+from .ssd_reference import _skip_and_gate, document_starts, process_dt, ssd_scan_ref  # noqa: F401 (re-exported)
 
 SSD_BACKENDS = ("auto", "ref", "chunked", "triton")
 DEFAULT_CHUNK_SIZE = 256
@@ -41,76 +44,15 @@ DEFAULT_CHUNK_SIZE = 256
 
 def resolve_ssd_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; an explicit one that cannot run is an error saying why."""
-    from .backends import resolve
     return resolve("SSD", backend, SSD_BACKENDS, device, pytorch_path="chunked")
-
-
-def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
-    """dt (b, l, h) or (b, h) -> clamp(softplus(dt + dt_bias), dt_limit) in fp32 (each step only when asked)."""
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi < math.inf:
-        dt = dt.clamp(min=lo, max=hi)
-    return dt
-
-
-def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
-    """(b, l) document indices -> (b, l) bool, True where a new document starts: seq_idx_t != seq_idx_{t-1}.
-    Never at t = 0: the first token continues the initial state."""
-    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
-
-
-def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf),
-                 initial_states=None, return_final_states=False, chunk_size=None, seq_idx=None):
-    """The spec: the recurrence one step at a time, in fp32; y cast back to x's dtype once. Signature of ssd_scan
-    (chunk_size is ignored)."""
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups = B.shape[2]
-    dtype_in = x.dtype
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)                        # (b, l, h) fp32
-    xf = x.float()
-    Bh = B.float().repeat_interleave(nheads // ngroups, dim=2)                 # (b, l, h, n)
-    Ch = C.float().repeat_interleave(nheads // ngroups, dim=2)
-    dA = torch.exp(dt * A.float())                                             # (b, l, h)
-    if seq_idx is not None:
-        # a new document: the previous state is multiplied by 0 (forgotten), not decayed
-        dA = dA.masked_fill(document_starts(seq_idx)[:, :, None], 0.0)
-    state = (torch.zeros(batch, nheads, headdim, B.shape[-1], device=x.device, dtype=torch.float32)
-             if initial_states is None else initial_states.float())           # (b, h, p, n)
-    ys = []
-    for t in range(seqlen):
-        dBx = (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]    # (b, h, p, n)
-        state = dA[:, t, :, None, None] * state + dBx
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))              # (b, h, p)
-    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(xf.shape)               # (b, l, h, p)
-    y = _skip_and_gate(y, xf, D, z)
-    y = y.to(dtype_in)
-    return (y, state) if return_final_states else y
-
-
-def _skip_and_gate(y, xf, D, z):
-    """y + D * x, then * silu(z); all fp32. D: (h,) or (h, p)."""
-    if D is not None:
-        Df = D.float()
-        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y
 
 
 def _implementation(name: str):
     if name == "ref":
         return ssd_scan_ref
     if name == "triton":
-        from .triton_ssd import ssd_scan_triton
+        from .triton_ssd_scan import ssd_scan_triton     # imports Triton: only when asked for
         return ssd_scan_triton
-    from .ssd_chunked import ssd_scan_chunked
     return ssd_scan_chunked
 
 

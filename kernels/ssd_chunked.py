@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ssd import _skip_and_gate, document_starts, process_dt
+from .ssd_reference import _skip_and_gate, document_starts, process_dt
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:

@@ -61,8 +61,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .causal_conv import channels_contiguous, empty_like_order
 from .backends import triton_interpreting
+from .layout import channels_contiguous, empty_like_order
 
 NUM_WARPS = 4
 BWD_SEGMENT = 256           # time steps one program of the tiles backward walks

@@ -1,12 +1,16 @@
-"""Language models: Mamba-1 and Mamba-2 (config, layers, recurrent cache), the family table, checkpoint formats."""
-from .config import Mamba2Config, MambaConfig
-from .mamba import MambaBlock, MambaCache, MambaLanguageModel, RMSNorm, SelectiveSSM
-from .mamba2 import Mamba2Block, Mamba2LanguageModel, Mamba2Mixer
-from .hybrid import HybridCache, HybridLanguageModel
-from .hybrid_config import HybridConfig
-from .registry import DEFAULT_FAMILY, FAMILIES, build_model, load_pretrained
+"""Language models: one LanguageModel over a layer pattern (models/lm.py), its layers (models/layers/), its config
+and the family presets (models/config.py, models/registry.py), and the checkpoint formats (models/formats/).
 
-__all__ = ["MambaConfig", "MambaLanguageModel", "MambaBlock", "SelectiveSSM", "RMSNorm", "MambaCache",
-           "Mamba2Config", "Mamba2LanguageModel", "Mamba2Block", "Mamba2Mixer", "FAMILIES", "DEFAULT_FAMILY",
-           "build_model", "load_pretrained",
-           "HybridConfig", "HybridLanguageModel", "HybridCache"]
+Importing the package registers the formats with the model, so LanguageModel.from_pretrained / save_pretrained work.
+"""
+from .config import HybridConfig, Mamba2Config, MambaConfig, ModelConfig
+from .layers import LAYERS
+from .layers.base import RMSNorm
+from .lm import Cache, LanguageModel
+from .registry import (DEFAULT_FAMILY, FAMILIES, HybridLanguageModel, Mamba2LanguageModel, MambaLanguageModel,
+                       build_model)
+from .formats import load_pretrained, read_config, save_pretrained
+
+__all__ = ["ModelConfig", "MambaConfig", "Mamba2Config", "HybridConfig", "LanguageModel", "Cache", "LAYERS",
+           "RMSNorm", "FAMILIES", "DEFAULT_FAMILY", "build_model", "load_pretrained", "save_pretrained",
+           "read_config", "MambaLanguageModel", "Mamba2LanguageModel", "HybridLanguageModel"]

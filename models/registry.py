@@ -1,20 +1,18 @@
-"""The model families, in one table: family name -> (config class, language-model class).
+"""The model families, in one table: family name -> its config class (a preset of models/config.ModelConfig).
 
 A family is chosen by name (TrainConfig.family, `python train.py --family mamba2`) or by the config object's type,
-never by sniffing attributes. Adding a family is one new model file and one row here.
+never by sniffing attributes. Every family builds the one LanguageModel (models/lm.py); a family only says which
+config users fill in and which checkpoint format it is saved in (models/formats/).
 """
 from __future__ import annotations
 
-from .config import Mamba2Config, MambaConfig
-from .mamba import MambaLanguageModel
-from .mamba2 import Mamba2LanguageModel
-from .hybrid import HybridLanguageModel
-from .hybrid_config import HybridConfig
+from .config import Mamba2Config, MambaConfig, ModelConfig
+from .lm import LanguageModel
 
 FAMILIES = {
-    "mamba1": (MambaConfig, MambaLanguageModel),      # Gu & Dao 2023, models/mamba.py
-    "mamba2": (Mamba2Config, Mamba2LanguageModel),    # Dao & Gu 2024 (SSD), models/mamba2.py
-    "hybrid": (HybridConfig, HybridLanguageModel),    # any layer pattern of M / 2 / A / F / T, models/hybrid.py
+    "mamba1": MambaConfig,      # Gu & Dao 2023: "M" * n_layer
+    "mamba2": Mamba2Config,     # Dao & Gu 2024 (SSD): "2" * n_layer
+    "hybrid": ModelConfig,      # any layer pattern of M / 2 / A / F / T (models/layers)
 }
 DEFAULT_FAMILY = "mamba1"
 
@@ -26,56 +24,33 @@ def check_family(family: str) -> str:
 
 
 def config_class(family: str):
-    return FAMILIES[check_family(family)][0]
+    return FAMILIES[check_family(family)]
 
 
-def model_class(family: str):
-    return FAMILIES[check_family(family)][1]
+def build_model(config) -> LanguageModel:
+    """A freshly initialised language model of `config` (a MambaConfig, Mamba2Config or ModelConfig)."""
+    if not isinstance(config, tuple(FAMILIES.values())):
+        raise TypeError(f"build_model takes one of {', '.join(c.__name__ for c in FAMILIES.values())}, "
+                        f"got {type(config).__name__}")
+    return LanguageModel(config)
 
 
-def build_model(config):
-    """A freshly initialised language model of config's family (MambaConfig, Mamba2Config or HybridConfig)."""
-    return model_class(config.family)(config)
+# The class names of the three families before they became one model; each builds a LanguageModel from its
+# family's config (and refuses another family's).
+
+def MambaLanguageModel(config: MambaConfig) -> LanguageModel:
+    return _build_family(config, MambaConfig)
 
 
-def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=None):
-    """Load a checkpoint directory of any family (HF or mamba_ssm format); with `family`, only that one (another
-    family is a ValueError naming both)."""
-    from .hf_format import load_pretrained as load
-    from .native_format import load_native
-    config, fmt = read_config(path, scan_backend=scan_backend, family=family)
-    if fmt == "mamba-trainer":
-        return load_native(path, device=device, dtype=dtype, scan_backend=scan_backend, config=config)
-    return load(path, device=device, dtype=dtype, scan_backend=scan_backend, family=family)
+def Mamba2LanguageModel(config: Mamba2Config) -> LanguageModel:
+    return _build_family(config, Mamba2Config)
 
 
-def read_config(path, scan_backend="auto", family=None):
-    """(config, format) of a checkpoint directory: format "hf" / "mamba_ssm" (models/hf_format.py) or
-    "mamba-trainer" (models/native_format.py, the hybrid family). With `family`, another family is a ValueError
-    naming both."""
-    import json
-    from pathlib import Path
+def HybridLanguageModel(config: ModelConfig) -> LanguageModel:
+    return _build_family(config, ModelConfig)
 
-    from . import hf_format
-    from .native_format import FORMAT, config_from_native, is_native
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist" if not path.exists()
-                                else f"{path} is a file; a model directory was expected")
-    file = path / hf_format.CONFIG_NAME
-    try:
-        header = json.loads(file.read_text()) if file.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None                        # hf_format.read_config names the damage
-    if isinstance(header, dict) and is_native(header):
-        config = config_from_native(header, file, scan_backend)
-        if family is not None and config.family != family:
-            raise ValueError(f"{file}: a {config.family} checkpoint (pattern {config.pattern!r}), but family "
-                             f"{family!r} was asked for; use family {config.family!r} (train.py --family "
-                             f"{config.family}) or a {family} checkpoint")
-        return config, FORMAT
-    if family == "hybrid":
-        found, _ = hf_format.read_config(path, scan_backend)
-        raise ValueError(f"{file}: a {found.family} checkpoint (HF format), but family 'hybrid' was asked for; "
-                         f"use family {found.family!r} (train.py --family {found.family})")
-    return hf_format.read_config(path, scan_backend, family)
+
+def _build_family(config, expected) -> LanguageModel:
+    if not isinstance(config, expected):
+        raise TypeError(f"a {expected.family} model needs a {expected.__name__}, got {type(config).__name__}")
+    return LanguageModel(config)

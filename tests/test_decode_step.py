@@ -13,8 +13,8 @@ import torch
 
 from helpers import randomize_parameters, run_interpreter_suite
 from kernels.decode_step import block_step, mixer_step
-from models import MambaConfig, MambaLanguageModel
-from models.mamba import KernelChoice
+from models import MambaConfig, LanguageModel
+from models.layers.base import ModelKernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
@@ -126,10 +126,16 @@ def test_steps_reject_bad_input():
 def make_model(backend, device="cpu", seed=0, **overrides):
     torch.manual_seed(seed)
     fields = dict(d_model=24, n_layer=2, vocab_size=53, d_state=5, d_conv=3, expand=2, scan_backend=backend)
-    return randomize_parameters(MambaLanguageModel(MambaConfig(**{**fields, **overrides})), scale=0.2).to(device)
+    return randomize_parameters(LanguageModel(MambaConfig(**{**fields, **overrides})), scale=0.2).to(device)
 
 
 @torch.no_grad()
+def use_step(model, device, step):
+    """Run the Mamba-1 layers' decoding step `step` on `device` from now on, every other kernel as chosen."""
+    own = model.kernels_for(torch.device(device))
+    model.use_kernels(device, dataclasses.replace(own, mamba1=dataclasses.replace(own.mamba1, step=step)))
+
+
 def check_decoding_matches_forward(model, ids, prompt_len, tol, reference_kernels=None):
     """Prefill the first prompt_len tokens, then step through the rest with the model's own kernels: each step's
     logits equal the full forward's at that position. reference_kernels: run the forward and the prefill with these
@@ -152,10 +158,10 @@ def check_decoding_matches_forward(model, ids, prompt_len, tol, reference_kernel
 @pytest.mark.parametrize("step", ["triton_block", pytest.param("triton", marks=release)])
 def test_interp_fused_decoding_matches_forward(step):
     model = make_model("triton")
-    assert model.kernels_for(torch.device("cpu")).step == "triton"                # the default with Triton
-    model.use_kernels("cpu", dataclasses.replace(model.kernels_for(torch.device("cpu")), step=step))
+    assert model.kernels_for(torch.device("cpu")).mamba1.step == "triton"         # the default with Triton
+    use_step(model, "cpu", step)
     ids = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(1))
-    check_decoding_matches_forward(model, ids, prompt_len=3, tol=2e-5, reference_kernels=KernelChoice.for_scan("ref"))
+    check_decoding_matches_forward(model, ids, prompt_len=3, tol=2e-5, reference_kernels=ModelKernels())
 
 
 @interp
@@ -172,7 +178,7 @@ def test_interp_adapters_on_the_projections_still_act():
                 p.normal_(0, 0.5)                                              # a non-zero adapter
     ids = torch.randint(0, 53, (1, 5), generator=torch.Generator().manual_seed(2))
     check_decoding_matches_forward(model.eval(), ids, prompt_len=3, tol=2e-5,
-                                   reference_kernels=KernelChoice.for_scan("ref"))
+                                   reference_kernels=ModelKernels())
 
 
 # ---------------------------------------------------------------- sm_90 compilation, launcher, GPU
@@ -230,7 +236,7 @@ def test_gpu_step_matches_reference(kind, batch, d_model, d_in, dstate, dt_rank,
 @pytest.mark.parametrize("step", ["triton_block", "triton"])
 def test_gpu_fused_decoding_matches_forward(step):
     model = make_model("auto", "cuda", d_model=128, n_layer=3, d_state=16, d_conv=4, vocab_size=300)
-    assert model.kernels_for(torch.device("cuda")).step == "triton"
-    model.use_kernels("cuda", dataclasses.replace(model.kernels_for(torch.device("cuda")), step=step))
+    assert model.kernels_for(torch.device("cuda")).mamba1.step == "triton"
+    use_step(model, "cuda", step)
     ids = torch.randint(0, 300, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     check_decoding_matches_forward(model, ids, prompt_len=17, tol=1e-4)

@@ -18,8 +18,7 @@ from evaluation.harness import HarnessAdapter
 from evaluation.perplexity import (bucket_edges, cap_tokens, document_tokens, evaluate_corpus, long_documents,
                                    loss_by_position, plot_by_position)
 from evaluation.scoring import Scorer, sliding_pieces
-from models import (HybridConfig, HybridLanguageModel, Mamba2Config, Mamba2LanguageModel, MambaConfig,
-                    MambaLanguageModel)
+from models import HybridConfig, LanguageModel, Mamba2Config, MambaConfig
 from tests.helpers import SAMPLE_TEXTS, randomize_parameters, sample_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,19 +32,19 @@ def tokenizer():
 
 def mamba1(vocab=50, seed=0):
     torch.manual_seed(seed)
-    return randomize_parameters(MambaLanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=vocab, d_state=4)))
+    return randomize_parameters(LanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=vocab, d_state=4)))
 
 
 def mamba2(vocab=50, seed=0):
     torch.manual_seed(seed)
     cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=8, headdim=16, chunk_size=8)
-    return randomize_parameters(Mamba2LanguageModel(cfg))
+    return randomize_parameters(LanguageModel(cfg))
 
 
 def hybrid(vocab=50, seed=0, pattern="M2T"):
     torch.manual_seed(seed)
     cfg = HybridConfig(d_model=32, n_layer=len(pattern), vocab_size=vocab, pattern=pattern, n_heads=4)
-    return randomize_parameters(HybridLanguageModel(cfg))
+    return randomize_parameters(LanguageModel(cfg))
 
 
 def random_sequences(vocab=50, lengths=(41, 7, 23, 2, 30), seed=1):

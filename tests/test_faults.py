@@ -119,9 +119,9 @@ def test_damaged_checkpoint_named_by_every_loader(corpus, trained, tmp_path, cap
     assert proc.stderr.count("\n") == 1
     no_traceback(proc.stderr)
     # from_pretrained on it: a ValueError naming the file (not safetensors' own error)
-    from models import MambaLanguageModel
+    from models import LanguageModel
     with pytest.raises(ValueError, match="model.safetensors.*damaged or cut short"):
-        MambaLanguageModel.from_pretrained(step)
+        LanguageModel.from_pretrained(step, family="mamba1")
     # generate.py on the run: the damaged step is skipped with a warning, the older one is used
     model, _, found = ck.load_model_and_tokenizer(run)
     assert found.name == "step_000002"
@@ -160,11 +160,11 @@ SAVER = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
 from training import checkpoint as ck
-from models import MambaLanguageModel, MambaConfig
+from models import LanguageModel, MambaConfig
 class Tok:
     def save(self, path):
         (path / "tokenizer.json").write_text('{{"version": "1.0"}}')
-model = MambaLanguageModel(MambaConfig(d_model=64, n_layer=2, vocab_size=300))
+model = LanguageModel(MambaConfig(d_model=64, n_layer=2, vocab_size=300))
 blob = torch.randn(2_000_000)                      # 8 MB of optimizer-like state: a save takes a while
 step = 0
 while True:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import MambaConfig, MambaLanguageModel, lora
+from models import MambaConfig, LanguageModel, lora
 from models.vocab import resize_vocab
 from training import checkpoint as ck
 from training.launch import main
@@ -37,7 +37,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     tok = Tokenizer.train([TEXT], vocab_size=300)
     torch.manual_seed(0)
-    model = MambaLanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size))
+    model = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size))
     model.save_pretrained(root, eos_token_id=tok.eot_id)
     tok.save(root)
     return root
@@ -80,7 +80,7 @@ def test_template_mask_covers_exactly_the_assistant_turns(base, tmp_path):
 
 
 def test_vocab_grows_for_the_chat_tokens_and_keeps_the_padding_rule(base):
-    model = MambaLanguageModel.from_pretrained(base)
+    model = LanguageModel.from_pretrained(base, family="mamba1")
     tok = chat_tokenizer(base)
     x = torch.tensor([Tokenizer.load(base).encode("the cat sat")])
     before = model(x)[0]
@@ -94,7 +94,7 @@ def test_vocab_grows_for_the_chat_tokens_and_keeps_the_padding_rule(base):
 def test_right_padding_does_not_change_summed_logprobs(base):
     tok = chat_tokenizer(base)
     torch.manual_seed(1)
-    model = MambaLanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size)).eval()
+    model = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size)).eval()
     from utils.finetune_data import SFTExample
     examples = [SFTExample(*encode_chat(tok, c)) for c in CHATS]
     alone = [sequence_logps(model, *collate([e], tok.eot_id)) for e in examples]
@@ -152,7 +152,7 @@ def _pairs(tok, n):
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_dpo_starts_at_ln2_and_learns(base, use_lora):
     tok = chat_tokenizer(base)
-    model = MambaLanguageModel.from_pretrained(base)
+    model = LanguageModel.from_pretrained(base, family="mamba1")
     resize_vocab(model, tok.vocab_size)
     if use_lora:
         lora.apply_lora(model, lora.LoRAConfig(targets=["in_proj", "x_proj", "dt_proj"], rank=4))

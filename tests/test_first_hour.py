@@ -312,14 +312,14 @@ def test_peft_opens_a_chat_adapter_after_the_base_embedding_is_grown(tmp_path, c
     peft = pytest.importorskip("peft")
     from transformers import AutoTokenizer, MambaForCausalLM
 
-    from models import MambaConfig, MambaLanguageModel
+    from models import MambaConfig, LanguageModel
     from training.finetune import load_lora_checkpoint
     from utils.chat import CHAT_TOKENS, encode_chat
     from utils.tokenizer import Tokenizer
     tok = Tokenizer.train([" ".join(WORDS) * 30], vocab_size=296)
     assert tok.vocab_size % 8 == 0             # so that the chat tokens need new embedding rows
     torch.manual_seed(0)
-    MambaLanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size)).save_pretrained(
+    LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=tok.vocab_size)).save_pretrained(
         tmp_path / "base", eos_token_id=tok.eot_id)
     tok.save(tmp_path / "base")
     chat = {"messages": [{"role": "user", "content": "the scan"}, {"role": "assistant", "content": "carry state"}]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import randomize_parameters, run_interpreter_suite
-from models import MambaConfig, MambaLanguageModel
+from models import MambaConfig, LanguageModel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRET, reason="runs inside test_interpreter_suite (TRITON_INTERPRET=1)")
@@ -21,7 +21,7 @@ release = pytest.mark.triton_release     # an interp_ case .ci/run runs on the o
 def make_model(backend, device="cpu", seed=0, **overrides):
     torch.manual_seed(seed)
     fields = dict(d_model=24, n_layer=2, vocab_size=53, d_state=5, d_conv=3, expand=2, scan_backend=backend)
-    model = MambaLanguageModel(MambaConfig(**{**fields, **overrides}))
+    model = LanguageModel(MambaConfig(**{**fields, **overrides}))
     return randomize_parameters(model, scale=0.2).to(device)
 
 
@@ -51,7 +51,8 @@ def check_fused_matches_reference(device, seqlen, batch=2, tol=2e-5, padded=Fals
         targets[0, :3] = -100
     logits, loss, grads = run(fused, ids, targets, mask, return_logits=True)
     logits_ref, loss_ref, grads_ref = run(ref, ids, targets, mask, return_logits=True)
-    assert fused.kernels_for(ids.device).conv == "triton" and fused.kernels_for(ids.device).norm == "triton"
+    fused_kernels = fused.kernels_for(ids.device).mamba1
+    assert fused_kernels.conv == "triton" and fused_kernels.norm == "triton"
     assert rel_err(logits, logits_ref) < tol, f"logits {rel_err(logits, logits_ref):.2e}"
     assert abs(loss.item() - loss_ref.item()) < tol * max(1.0, abs(loss_ref.item()))
     for name, grad_ref in grads_ref.items():
@@ -88,7 +89,7 @@ def test_interp_fused_model_prefill_then_step():
             outs.append((first, model.step(ids[:, 0], cache), cache))
     (f1, f2, fc), (r1, r2, rc) = outs     # the fused step: the Triton conv step and add+RMSNorm kernels
     assert rel_err(f1, r1) < 2e-5 and rel_err(f2, r2) < 2e-5
-    for a, b in zip(fc.conv_states + fc.ssm_states, rc.conv_states + rc.ssm_states):
+    for a, b in zip(sum(fc.states, ()), sum(rc.states, ())):
         assert rel_err(a, b) < 2e-5
 
 
@@ -128,8 +129,8 @@ def test_interp_compiled_decode_step_matches_eager(monkeypatch):
             tokens = ids[:, t].contiguous()
             got, want = decoder.step(tokens), model.step_states(tokens, *eager.step_args())
             assert rel_err(got, want) < 2e-5
-    assert model.kernels_for(ids.device).norm == "triton"
-    for a, b in zip(decoder.cache.conv_states + decoder.cache.ssm_states, eager.conv_states + eager.ssm_states):
+    assert model.kernels_for(ids.device).mamba1.norm == "triton"
+    for a, b in zip(sum(decoder.cache.states, ()), sum(eager.states, ())):
         assert rel_err(a, b) < 2e-5
 
 

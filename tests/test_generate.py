@@ -10,7 +10,7 @@ import torch
 
 import generate
 from inference import Decoder, TextStream, generate_text, pad_left
-from models import HybridConfig, Mamba2Config, MambaConfig, MambaLanguageModel, build_model
+from models import HybridConfig, Mamba2Config, MambaConfig, LanguageModel, build_model
 from models.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 from training.checkpoint import write_atomic_dir
 from tests.helpers import SAMPLE_TEXTS, randomize_parameters, sample_tokenizer
@@ -27,7 +27,7 @@ def tokenizer():
 def make_model(vocab_size, seed=0, **overrides):
     torch.manual_seed(seed)
     config = MambaConfig(**{**dict(d_model=24, n_layer=2, vocab_size=vocab_size, d_state=4, d_conv=3), **overrides})
-    model = MambaLanguageModel(config)
+    model = LanguageModel(config)
     # random (not initial) weights, large enough that logits are far from ties: greedy tokens are then stable
     # across batch shapes, so equality tests test the code and not rounding luck
     return randomize_parameters(model, scale=0.3)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models import MambaConfig, MambaLanguageModel
+from models import MambaConfig, LanguageModel
 from training.grpo import GRPOObjective, group_advantages, grpo_loss, token_logps
 from training.launch import main
 from training.rewards import parse_rewards
@@ -75,7 +75,7 @@ def _objective(model, tok, beta=0.0, num_iterations=1):
 
 def test_one_pass_without_kl_is_the_plain_policy_gradient(tokenizer):
     torch.manual_seed(0)
-    model = MambaLanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tokenizer.vocab_size))
+    model = LanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tokenizer.vocab_size))
     objective = _objective(model, tokenizer)
     x, y, advantages, old, ref, stats = objective.next_batch()      # sampled by the decoder
     assert x.shape[0] == 4 and (y != -100).any(dim=1).all()
@@ -96,7 +96,7 @@ def test_one_pass_without_kl_is_the_plain_policy_gradient(tokenizer):
 
 def test_samples_follow_the_generator_state(tokenizer):
     torch.manual_seed(0)
-    model = MambaLanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tokenizer.vocab_size))
+    model = LanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tokenizer.vocab_size))
     objective = _objective(model, tokenizer, num_iterations=2)
     state = objective.sampler.state_dict()
     first = objective.next_batch()
@@ -120,7 +120,7 @@ def test_lora_grpo_run_resumes_exactly(tmp_path):
     root = tmp_path / "base"
     tok = Tokenizer.train([" ".join(f"{a}+{b}={a + b}" for a in range(10) for b in range(10)) * 3], vocab_size=280)
     torch.manual_seed(0)
-    MambaLanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tok.vocab_size)).save_pretrained(
+    LanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=tok.vocab_size)).save_pretrained(
         root, eos_token_id=tok.eot_id)
     tok.save(root)
     data = tmp_path / "prompts.jsonl"

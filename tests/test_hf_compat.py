@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig as HFMambaConfig, MambaForCausalLM  # noqa: E402
 
-from models import MambaConfig, MambaLanguageModel  # noqa: E402
+from models import LanguageModel, MambaConfig  # noqa: E402
 from tests.helpers import randomize_parameters
 
 # odd widths, d_state 1, conv width 2, no conv bias, bias=True, an explicit dt rank, an untied head
@@ -46,7 +46,7 @@ def our_logits(model, x):
 def test_hf_checkpoint_loads_and_saves_back(tmp_path, shape):
     hf = random_hf_model(**shape)
     hf.save_pretrained(tmp_path / "hf")
-    ours = MambaLanguageModel.from_pretrained(tmp_path / "hf")
+    ours = LanguageModel.from_pretrained(tmp_path / "hf", family="mamba1")
     assert not ours.training and ours.config.padded_vocab_size == shape["vocab_size"]
     assert (ours.lm_head.weight is ours.backbone.embeddings.weight) == shape.get("tie_word_embeddings", True)
     x = torch.randint(0, shape["vocab_size"], (2, 11))
@@ -65,7 +65,7 @@ def test_hf_checkpoint_loads_and_saves_back(tmp_path, shape):
 def test_greedy_generate_equals_transformers(tmp_path):
     hf = random_hf_model(seed=1, **HF_SHAPES[0])
     hf.save_pretrained(tmp_path)
-    ours = MambaLanguageModel.from_pretrained(tmp_path)
+    ours = LanguageModel.from_pretrained(tmp_path, family="mamba1")
     prompt = torch.randint(0, 37, (3, 5))
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
                            attention_mask=torch.ones_like(prompt))
@@ -74,13 +74,13 @@ def test_greedy_generate_equals_transformers(tmp_path):
 
 def test_our_checkpoint_round_trips_exactly(tmp_path):
     torch.manual_seed(0)
-    model = MambaLanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=37, d_state=4, bias=True))
+    model = LanguageModel(MambaConfig(d_model=16, n_layer=2, vocab_size=37, d_state=4, bias=True))
     model.save_pretrained(tmp_path, eos_token_id=3)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "mamba" and cfg["architectures"] == ["MambaForCausalLM"]
     assert (cfg["vocab_size"], cfg["unpadded_vocab_size"], cfg["eos_token_id"]) == (40, 37, 3)
     assert (cfg["hidden_size"], cfg["state_size"], cfg["num_hidden_layers"], cfg["time_step_rank"]) == (16, 4, 2, 1)
-    loaded = MambaLanguageModel.from_pretrained(tmp_path, dtype="bfloat16", scan_backend="ref")
+    loaded = LanguageModel.from_pretrained(tmp_path, dtype="bfloat16", scan_backend="ref", family="mamba1")
     assert loaded.config == MambaConfig(d_model=16, n_layer=2, vocab_size=37, d_state=4, bias=True, dt_rank=1,
                                         scan_backend="ref")
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
@@ -89,7 +89,7 @@ def test_our_checkpoint_round_trips_exactly(tmp_path):
     assert loaded.lm_head.weight is loaded.backbone.embeddings.weight
     assert loaded.num_parameters() == model.num_parameters()
     with pytest.raises(ValueError, match="dtype"):
-        MambaLanguageModel.from_pretrained(tmp_path, dtype="int8")
+        LanguageModel.from_pretrained(tmp_path, dtype="int8", family="mamba1")
 
 
 def mamba_ssm_dir(path, hf, unpadded_vocab, **ssm_cfg):
@@ -109,7 +109,7 @@ def mamba_ssm_dir(path, hf, unpadded_vocab, **ssm_cfg):
 def test_mamba_ssm_checkpoint_loads(tmp_path):
     hf = random_hf_model(vocab_size=56, hidden_size=24, num_hidden_layers=2, state_size=4, conv_kernel=3)
     path = mamba_ssm_dir(tmp_path / "ssm", hf, 50, d_state=4, d_conv=3, dt_init="random", layer="Mamba1")
-    ours = MambaLanguageModel.from_pretrained(path)
+    ours = LanguageModel.from_pretrained(path, family="mamba1")
     assert (ours.config.vocab_size, ours.config.padded_vocab_size, ours.config.d_conv) == (50, 56, 3)
     x = torch.randint(0, 50, (2, 9))
     assert rel_err(our_logits(ours, x), hf_logits(hf, x)) <= 1e-5
@@ -117,7 +117,7 @@ def test_mamba_ssm_checkpoint_loads(tmp_path):
     for i, (bad_cfg, message) in enumerate(((dict(layer="Mamba2"), "Mamba1"), (dict(ngroups=2), "ngroups"))):
         bad = mamba_ssm_dir(tmp_path / f"bad{i}", hf, 50, **bad_cfg)
         with pytest.raises(ValueError, match=message):
-            MambaLanguageModel.from_pretrained(bad)
+            LanguageModel.from_pretrained(bad, family="mamba1")
 
 
 def test_hf_pytorch_model_bin_and_sharded_safetensors_load(tmp_path):
@@ -131,7 +131,7 @@ def test_hf_pytorch_model_bin_and_sharded_safetensors_load(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(config)
     torch.save(state_dict, tmp_path / "bin" / "pytorch_model.bin")
-    assert rel_err(our_logits(MambaLanguageModel.from_pretrained(tmp_path / "bin"), x), expected) <= 1e-5
+    assert rel_err(our_logits(LanguageModel.from_pretrained(tmp_path / "bin", family="mamba1"), x), expected) <= 1e-5
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -142,11 +142,11 @@ def test_hf_pytorch_model_bin_and_sharded_safetensors_load(tmp_path):
         save_file({k: state_dict[k].contiguous() for k in keys}, str(sharded / file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert rel_err(our_logits(MambaLanguageModel.from_pretrained(sharded), x), expected) <= 1e-5
+    assert rel_err(our_logits(LanguageModel.from_pretrained(sharded, family="mamba1"), x), expected) <= 1e-5
 
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        MambaLanguageModel.from_pretrained(sharded)
+        LanguageModel.from_pretrained(sharded, family="mamba1")
 
 
 def test_strict_loading_errors(tmp_path):
@@ -165,25 +165,27 @@ def test_strict_loading_errors(tmp_path):
         return d
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        MambaLanguageModel.from_pretrained(tmp_path / "nowhere")
+        LanguageModel.from_pretrained(tmp_path / "nowhere", family="mamba1")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        MambaLanguageModel.from_pretrained(tmp_path)
+        LanguageModel.from_pretrained(tmp_path, family="mamba1")
     with pytest.raises(FileNotFoundError, match="no weights"):
-        MambaLanguageModel.from_pretrained(variant("noweights"))
+        LanguageModel.from_pretrained(variant("noweights"), family="mamba1")
     dropped = {k: v for k, v in tensors.items() if k != "backbone.layers.1.mixer.D"}
     with pytest.raises(ValueError, match=r"missing tensors backbone\.layers\.1\.mixer\.D"):
-        MambaLanguageModel.from_pretrained(variant("missing", weights=dropped))
+        LanguageModel.from_pretrained(variant("missing", weights=dropped), family="mamba1")
     extra = {**tensors, "backbone.layers.2.mixer.D": torch.ones(40)}
     with pytest.raises(ValueError, match=r"unexpected tensors backbone\.layers\.2\.mixer\.D"):
-        MambaLanguageModel.from_pretrained(variant("extra", weights=extra))
+        LanguageModel.from_pretrained(variant("extra", weights=extra), family="mamba1")
     with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer\.A_log: checkpoint \(40, 3\) vs config \(40, 5\)"):
-        MambaLanguageModel.from_pretrained(variant("shape", cfg={**config, "state_size": 5}, weights=tensors))
+        LanguageModel.from_pretrained(variant("shape", cfg={**config, "state_size": 5}, weights=tensors),
+                                      family="mamba1")
     untied_head = {**tensors, "lm_head.weight": torch.randn(37, 20)}
     with pytest.raises(ValueError, match="lm_head.weight differs"):
-        MambaLanguageModel.from_pretrained(variant("head", weights=untied_head))
+        LanguageModel.from_pretrained(variant("head", weights=untied_head), family="mamba1")
     with pytest.raises(ValueError, match="model_type 'mamba2'"):
-        MambaLanguageModel.from_pretrained(variant("mamba2", cfg={**config, "model_type": "mamba2"}, weights=tensors))
+        LanguageModel.from_pretrained(variant("mamba2", cfg={**config, "model_type": "mamba2"}, weights=tensors),
+                                      family="mamba1")
     with pytest.raises(ValueError, match="neither"):
-        MambaLanguageModel.from_pretrained(variant("other", cfg={"foo": 1}, weights=tensors))
+        LanguageModel.from_pretrained(variant("other", cfg={"foo": 1}, weights=tensors), family="mamba1")
     with pytest.raises(ValueError, match="scan_backend"):
-        MambaLanguageModel.from_pretrained(good, scan_backend="fast")
+        LanguageModel.from_pretrained(good, scan_backend="fast", family="mamba1")

@@ -1,5 +1,5 @@
 """The hybrid family on the CPU: every layer kind's forward and gradients, attention against a naive reference,
-the KV cache against the full forward, left padding, pattern errors, "M" * n against MambaLanguageModel, the
+the KV cache against the full forward, left padding, pattern errors, "M" * n against LanguageModel, the
 native checkpoint format and the eager decoder."""
 import json
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from inference import Decoder, pad_left
-from models import HybridConfig, MambaConfig, MambaLanguageModel, build_model, load_pretrained
-from models.attention import AttentionContext, CausalSelfAttention, positions_from_mask, rope_tables
+from models import HybridConfig, MambaConfig, LanguageModel, build_model, load_pretrained
+from models.layers.attention import AttentionContext, CausalSelfAttention, positions_from_mask, rope_tables
 
 from helpers import randomize_parameters
 
@@ -136,7 +136,7 @@ def test_pattern_errors_name_what_is_allowed():
 
 def test_pure_mamba_pattern_equals_mamba_language_model():
     torch.manual_seed(0)
-    mamba = randomize_parameters(MambaLanguageModel(MambaConfig(d_model=32, n_layer=3, vocab_size=61, d_state=8)))
+    mamba = randomize_parameters(LanguageModel(MambaConfig(d_model=32, n_layer=3, vocab_size=61, d_state=8)))
     hybrid = tiny("MMM", pad_vocab_size_multiple=8).eval()
     hybrid.load_state_dict(mamba.state_dict(), strict=True)
     x = torch.randint(0, 61, (2, 13))

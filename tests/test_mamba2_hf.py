@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 from transformers import Mamba2Config as HFMamba2Config, Mamba2ForCausalLM  # noqa: E402
 
-from models import Mamba2Config, Mamba2LanguageModel, MambaLanguageModel, build_model, load_pretrained  # noqa: E402
+from models import LanguageModel, Mamba2Config, build_model, load_pretrained  # noqa: E402
 from tests.helpers import randomize_parameters  # noqa: E402
 
 # hidden_size * expand == num_heads * head_dim; ngroups 1 and 2; chunk sizes that do not divide the lengths
@@ -51,12 +51,13 @@ def test_hf_mamba2_loads_and_saves_back(tmp_path, shape):
     hf = random_hf_model(**shape)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_pretrained(tmp_path / "hf")
-    assert isinstance(ours, Mamba2LanguageModel) and ours.config.ngroups == shape["n_groups"]
+    assert isinstance(ours, LanguageModel) and ours.config.family == "mamba2"
+    assert ours.config.ngroups == shape["n_groups"]
     assert (ours.lm_head.weight is ours.backbone.embeddings.weight) == shape["tie_word_embeddings"]
     x = torch.randint(0, shape["vocab_size"], (2, 11))
     expected = hf_logits(hf, x)
     assert rel_err(our_logits(ours, x), expected) <= 1e-4
-    assert rel_err(our_logits(Mamba2LanguageModel.from_pretrained(tmp_path / "hf", scan_backend="ref"), x),
+    assert rel_err(our_logits(LanguageModel.from_pretrained(tmp_path / "hf", scan_backend="ref", family="mamba2"), x),
                    expected) <= 1e-4
 
     ours.save_pretrained(tmp_path / "ours")
@@ -107,7 +108,7 @@ def test_mamba_ssm_mamba2_checkpoint_loads(tmp_path):
     x = torch.randint(0, 45, (2, 9))
     assert rel_err(our_logits(ours, x), hf_logits(hf, x)) <= 1e-4
     with pytest.raises(ValueError, match="ssm_cfg.layer is 'Mamba2': a mamba2 checkpoint.*family 'mamba1'"):
-        MambaLanguageModel.from_pretrained(path)
+        LanguageModel.from_pretrained(path, family="mamba1")
     (path / "config.json").write_text(json.dumps({**config, "ssm_cfg": {"layer": "Mamba2", "headdim": 7}}))
     with pytest.raises(ValueError, match="headdim 7 does not divide d_inner = expand \\* d_model = 32"):
         load_pretrained(path)
@@ -118,7 +119,7 @@ def test_shapes_and_families_that_cannot_load(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     with pytest.raises(ValueError, match="model_type 'mamba2': a mamba2 checkpoint, but family 'mamba1'"):
-        MambaLanguageModel.from_pretrained(tmp_path / "hf")
+        LanguageModel.from_pretrained(tmp_path / "hf", family="mamba1")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
@@ -131,7 +132,7 @@ def test_shapes_and_families_that_cannot_load(tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "state_size": 4}))
     with pytest.raises(ValueError, match="shape mismatches"):
         load_pretrained(bad)
-    MambaLanguageModel(__import__("models").MambaConfig(d_model=8, n_layer=1, vocab_size=9)).save_pretrained(
+    LanguageModel(__import__("models").MambaConfig(d_model=8, n_layer=1, vocab_size=9)).save_pretrained(
         tmp_path / "m1")
     with pytest.raises(ValueError, match="a mamba1 checkpoint, but family 'mamba2'"):
-        Mamba2LanguageModel.from_pretrained(tmp_path / "m1")
+        LanguageModel.from_pretrained(tmp_path / "m1", family="mamba2")

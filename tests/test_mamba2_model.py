@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from configs.model_sizes import MODEL_SIZES_BY_FAMILY, count_parameters, model_config
 from inference import Decoder
-from models import FAMILIES, Mamba2Config, Mamba2LanguageModel, MambaConfig, MambaLanguageModel, build_model
+from models import FAMILIES, LanguageModel, Mamba2Config, MambaConfig, build_model
 from tests.helpers import randomize_parameters
 from training.optim import param_groups
 
@@ -50,8 +50,8 @@ def test_config_derived_values_round_trip_and_family():
     assert Mamba2Config.from_dict(cfg.to_dict()) == cfg
     assert cfg.family == "mamba2" and MambaConfig.family == "mamba1" and "family" not in MambaConfig(
         d_model=8, n_layer=1, vocab_size=9).to_dict()
-    assert FAMILIES["mamba2"][1] is Mamba2LanguageModel and isinstance(build_model(MambaConfig(
-        d_model=8, n_layer=1, vocab_size=9)), MambaLanguageModel)
+    assert FAMILIES["mamba2"] is Mamba2Config and isinstance(build_model(MambaConfig(
+        d_model=8, n_layer=1, vocab_size=9)), LanguageModel)
 
 
 def test_released_initialisation():
@@ -92,7 +92,8 @@ def test_step_by_step_and_prefill_match_forward(backend):
         prefill, _ = model(x[:, :6], cache=cache)
         rest = torch.stack([model.step(x[:, t], cache) for t in range(6, 13)], dim=1)
     assert (prefill - full[:, :6]).abs().max() <= 1e-5 and (rest - full[:, 6:]).abs().max() <= 1e-4
-    assert cache.ssm_states[0].shape == (2, 4, 12, 6) and cache.conv_states[0].shape == (2, 48 + 24, 3)
+    conv_state, ssm_state = cache.states[0]
+    assert ssm_state.shape == (2, 4, 12, 6) and conv_state.shape == (2, 48 + 24, 3)
 
 
 def test_left_padding_leaves_the_state_untouched():
@@ -108,7 +109,7 @@ def test_left_padding_leaves_the_state_untouched():
         model.prefill(ids, cache_pad, mask)
         model.prefill(b, cache_one)
     assert torch.equal(out[1, 9:], alone[0, 4:])
-    for s_pad, s_one in zip(cache_pad.ssm_states + cache_pad.conv_states, cache_one.ssm_states + cache_one.conv_states):
+    for s_pad, s_one in zip(sum(cache_pad.states, ()), sum(cache_one.states, ())):
         assert (s_pad[1] - s_one[0]).abs().max() <= 1e-5
 
 
@@ -146,7 +147,7 @@ def test_decoder_and_triton_fallback(caplog):
                        expected)
     model = make_model(scan_backend="triton")
     with caplog.at_level("WARNING"):
-        assert model.kernels_for(torch.device("cpu")).scan == "chunked"
+        assert model.kernels_for(torch.device("cpu")).mamba2.scan == "chunked"
     assert "TRITON_INTERPRET=1" in caplog.text
 
 

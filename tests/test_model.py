@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from configs.model_sizes import DEFAULT_VOCAB_SIZE, MODEL_SIZES, count_parameters, model_config, table
-from models import MambaBlock, MambaCache, MambaConfig, MambaLanguageModel, SelectiveSSM
+from models import Cache, LanguageModel, MambaConfig
+from models.layers.mamba1 import Mamba1Layer, SelectiveSSM
 from tests.helpers import randomize_parameters
 
 # "auto" is what users get (chunked on the CPU); "ref" is the spec it must agree with.
@@ -22,7 +23,7 @@ def tiny_config(**overrides):
 
 def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = MambaLanguageModel(tiny_config(**overrides))
+    model = LanguageModel(tiny_config(**overrides))
     # random (not initial) values everywhere, so no term of the math hides behind a 0 or a 1
     return randomize_parameters(model, scale=0.2)
 
@@ -59,7 +60,7 @@ def test_config_derived_values_and_dict_round_trip():
 def test_released_initialisation_survives_construction():
     torch.manual_seed(0)
     cfg = tiny_config(n_layer=4, d_model=32, bias=True, dt_min=0.002, dt_max=0.05, dt_init_floor=0.004)
-    model = MambaLanguageModel(cfg)
+    model = LanguageModel(cfg)
     emb = model.backbone.embeddings.weight
     assert model.lm_head.weight is emb and emb.shape == (56, 32)          # tied, vocab padded 53 -> 56
     assert abs(emb.std().item() - 0.02) < 0.002 and abs(emb.mean().item()) < 0.002
@@ -86,8 +87,8 @@ def test_released_initialisation_survives_construction():
 
 
 def test_untied_head_and_parameter_count():
-    tied = MambaLanguageModel(tiny_config())
-    untied = MambaLanguageModel(tiny_config(tie_embeddings=False))
+    tied = LanguageModel(tiny_config())
+    untied = LanguageModel(tiny_config(tie_embeddings=False))
     assert untied.lm_head.weight is not untied.backbone.embeddings.weight
     assert untied.num_parameters() - tied.num_parameters() == 56 * 24
     assert tied.num_parameters() == sum(p.numel() for p in set(tied.parameters()))
@@ -165,7 +166,7 @@ def test_backend_is_logged_once_and_fallback_warns(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = make_model(scan_backend="triton")
     x = torch.randint(0, 53, (1, 4))
-    with caplog.at_level(logging.INFO, logger="models.mamba"):
+    with caplog.at_level(logging.INFO, logger="models.lm"):
         model(x)
         model(x)
     infos = [r for r in caplog.records if r.levelno == logging.INFO and "selective scan" in r.getMessage()]
@@ -213,9 +214,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     calls = []
-    import models.mamba as mamba_module
-    real_checkpoint = mamba_module.checkpoint
-    monkeypatch.setattr(mamba_module, "checkpoint", lambda *a, **k: calls.append(k) or real_checkpoint(*a, **k))
+    import models.lm as lm_module
+    real_checkpoint = lm_module.checkpoint
+    monkeypatch.setattr(lm_module, "checkpoint", lambda *a, **k: calls.append(k) or real_checkpoint(*a, **k))
     model.set_gradient_checkpointing(True)
     _, loss_ckpt = model(x, targets=x)
     loss_ckpt.backward()
@@ -299,14 +300,15 @@ def test_generate_rejects_bad_arguments(kwargs, message):
 def test_cache_layout():
     model = make_model()
     cache = model.init_cache(5, dtype=torch.bfloat16)
-    assert isinstance(cache, MambaCache) and cache.batch_size == 5 and len(cache.conv_states) == 3
-    assert cache.conv_states[0].shape == (5, 48, 3) and cache.conv_states[0].dtype == torch.bfloat16
-    assert cache.ssm_states[0].shape == (5, 48, 5) and cache.ssm_states[0].dtype == torch.float32
+    assert isinstance(cache, Cache) and cache.batch_size == 5 and len(cache.states) == 3
+    conv_state, ssm_state = cache.states[0]
+    assert conv_state.shape == (5, 48, 3) and conv_state.dtype == torch.bfloat16
+    assert ssm_state.shape == (5, 48, 5) and ssm_state.dtype == torch.float32
 
 
 def test_blocks_are_usable_alone():
     cfg = tiny_config()
-    block = MambaBlock(cfg)
+    block = Mamba1Layer(cfg.to_model_config())
     assert isinstance(block.mixer, SelectiveSSM)
     h = torch.randn(2, 5, 24)
     out, residual = block(h)
@@ -329,7 +331,7 @@ def test_bf16_weights_and_the_residual_stream_dtype(residual_in_fp32):
         out_h, residual = block(h)
         assert residual.dtype == residual_dtype and out_h.dtype == torch.bfloat16
         cache = model.init_cache(2)
-        _, residual = block.step(h[:, 0], None, cache.conv_states[0], cache.ssm_states[0])
+        _, residual = block.step(h[:, 0], None, None, cache.states[0])
         assert residual.dtype == residual_dtype
     assert full.dtype == torch.bfloat16 and torch.isfinite(full.float()).all() and out.shape == (2, 9)
 
@@ -350,7 +352,7 @@ def test_model_size_presets():
 
 
 def test_tiny_preset_trains():
-    model = MambaLanguageModel(model_config("tiny")).train()
+    model = LanguageModel(model_config("tiny")).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 100, (2, 32))
     losses = []

@@ -1,5 +1,5 @@
 """add_rms_norm: the Triton kernels against the PyTorch reference (normed, new_residual, and the gradients of x,
-residual and weight through both outputs), and the reference against models/mamba.py's RMSNorm.
+residual and weight through both outputs), and the reference against models/layers/base.py's RMSNorm.
 
 As in test_triton_scan.py, the kernels run on the CPU only under Triton's interpreter, switched on before Triton is
 imported: `test_interpreter_suite` re-runs this module with TRITON_INTERPRET=1 and the `interp` tests run there.
@@ -88,7 +88,7 @@ def check_norm(shape, x_dtype, res_dtype, device="cpu", seed=0, out_dtype=None, 
 # ---------------------------------------------------------------- CPU, no Triton needed
 
 def test_reference_matches_model_rmsnorm():
-    from models.mamba import RMSNorm
+    from models.layers.base import RMSNorm
     norm = RMSNorm(33, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(33))

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from models import MambaConfig, MambaLanguageModel
+from models import MambaConfig, LanguageModel
 from training.launch import main
 from training.ppo import gae, ppo_loss, whiten
 from training.scalar_head import VALUE_HEAD_FILE
@@ -59,7 +59,7 @@ def test_ppo_run_resumes_exactly(tmp_path):
     root = tmp_path / "base"
     tok = Tokenizer.train([" ".join(f"{a}+{b}={a + b}" for a in range(10) for b in range(10)) * 3], vocab_size=280)
     torch.manual_seed(0)
-    MambaLanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)).save_pretrained(
+    LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)).save_pretrained(
         root, eos_token_id=tok.eot_id)
     tok.save(root)
     data = tmp_path / "prompts.jsonl"

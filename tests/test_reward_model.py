@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models import MambaConfig, MambaLanguageModel
+from models import MambaConfig, LanguageModel
 from training.launch import main
 from training.reward_model import RewardObjective, bradley_terry
 from training.rl_setup import reward_model_function
@@ -48,7 +48,7 @@ def tok():
 
 def test_reward_model_separates_held_out_pairs(tok):
     torch.manual_seed(0)
-    model = ScalarHeadModel(MambaLanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)))
+    model = ScalarHeadModel(LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)))
     data = TaskData("dpo", _pairs(tok, 12), _pairs(tok, 9, offset=100), None)
     objective = RewardObjective(data, batch_size=6, pad_id=tok.eot_id, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -75,7 +75,7 @@ def test_cli_reward_model_then_used_as_a_reward(tok, tmp_path):
     root = tmp_path / "base"
     base_tok = Tokenizer.train([TEXT], vocab_size=300)
     torch.manual_seed(0)
-    MambaLanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=base_tok.vocab_size)).save_pretrained(
+    LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=base_tok.vocab_size)).save_pretrained(
         root, eos_token_id=base_tok.eot_id)
     base_tok.save(root)
     data = tmp_path / "prefs.jsonl"

@@ -81,12 +81,12 @@ def test_user_function_is_imported_from_the_working_directory(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from models import MambaConfig, MambaLanguageModel
+    from models import MambaConfig, LanguageModel
     from utils.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("base")
     tok = Tokenizer.train([" ".join(f"{a}+{b}={a + b}" for a in range(10) for b in range(10)) * 3], vocab_size=280)
     torch.manual_seed(0)
-    MambaLanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)).save_pretrained(
+    LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=tok.vocab_size)).save_pretrained(
         root, eos_token_id=tok.eot_id)
     tok.save(root)
     return root

@@ -176,7 +176,7 @@ def test_interp_model_with_triton_scan():
     results = []
     for backend in ("chunked", "triton"):
         model = make_model(scan_backend=backend)
-        assert model.kernels_for(torch.device("cpu")).scan == backend
+        assert model.kernels_for(torch.device("cpu")).mamba2.scan == backend
         _, loss = model(ids, targets=ids, return_logits=False)
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
@@ -193,7 +193,7 @@ def test_triton_needs_cuda_or_interpreter():
 
 
 def test_triton_backward_choice_is_checked():
-    from kernels.triton_ssd import ssd_scan_triton
+    from kernels.triton_ssd_scan import ssd_scan_triton
     x, dt, A, B, C, *_ = [t.detach() for t in make_inputs(l=5)]
     with pytest.raises(ValueError, match="backward must be 'kernels' or 'vjp'"):
         ssd_scan_triton(x, dt, A, B, C, backward="fast")
@@ -265,7 +265,7 @@ def grads_on_device(inputs, backend, chunk, backward="kernels"):
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_states=h0, return_final_states=True,
                   chunk_size=chunk)
     if backend == "triton":
-        from kernels.triton_ssd import ssd_scan_triton
+        from kernels.triton_ssd_scan import ssd_scan_triton
         y, final = ssd_scan_triton(x, dt, A, B, C, backward=backward, **kwargs)
     else:
         y, final = ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)
@@ -328,7 +328,7 @@ def test_gpu_model_gradients_match_chunked():
     results = []
     for backend in ("chunked", "triton"):
         model = make_model(scan_backend=backend, ngroups=2, dt_limit=(0.01, 5.0), chunk_size=64).cuda()
-        assert model.kernels_for(ids.device).scan == backend
+        assert model.kernels_for(ids.device).mamba2.scan == backend
         _, loss = model(ids, targets=ids, return_logits=False)
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])

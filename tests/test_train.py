@@ -75,11 +75,11 @@ def test_exact_resume_and_checkpoint_format(corpus, tmp_path):
     # our loader and transformers open the checkpoint and agree
     from transformers import MambaForCausalLM
 
-    from models import MambaLanguageModel
+    from models import LanguageModel
     model, tokenizer, found = ck.load_model_and_tokenizer(straight)
     assert found.name == "step_000008"
     ids = torch.tensor([tokenizer.encode("the selective scan makes the step size")])
-    ours = MambaLanguageModel.from_pretrained(straight / "step_000008").eval()
+    ours = LanguageModel.from_pretrained(straight / "step_000008", family="mamba1").eval()
     hf = MambaForCausalLM.from_pretrained(straight / "step_000008").eval()
     with torch.no_grad():
         lo, _ = ours(ids)

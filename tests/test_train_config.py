@@ -124,8 +124,8 @@ def test_schedule_warmup_then_cosine():
 
 def test_no_weight_decay_on_norms_biases_A_log_D():
     from configs.model_sizes import model_config
-    from models import MambaLanguageModel
-    model = MambaLanguageModel(model_config("tiny", vocab_size=64))
+    from models import LanguageModel
+    model = LanguageModel(model_config("tiny", vocab_size=64))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}

@@ -144,7 +144,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, train_config: di
     Args:
         run_dir: the run directory
         step: optimizer steps done
-        model: the unwrapped MambaLanguageModel (not the DDP/compiled wrapper)
+        model: the unwrapped LanguageModel (not the DDP/compiled wrapper)
         tokenizer: utils.tokenizer.Tokenizer
         train_config: the resolved TrainConfig as a dict
         training_state: plain types and tensors (see Trainer.training_state)

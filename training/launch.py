@@ -103,7 +103,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
     """Everything before the loop. Returns a ready Trainer (its run_dir, cfg, model set)."""
     from configs.model_sizes import model_config
     from models import build_model, load_pretrained
-    from models.registry import read_config
+    from models.formats import read_config
 
     # -- settings: a resumed run starts from its saved config
     resume_from = None

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .memory_coefficients import (ACT_BYTES_PER_D_INNER, BACKEND_ACT_FACTOR, CKPT_BYTES_PER_D_MODEL,
+                                  CKPT_RECOMPUTE_BYTES_PER_D_INNER, FROZEN_BYTES_PER_PARAM, LOGIT_BYTES, OVERHEAD,
+                                  STATE_BYTES_PER_PARAM)
+from .memory_hybrid import activation_bytes_per_token
+from .memory_mamba2 import activation_bytes_per_token_layer
+
 GIB = 2**30
 
-STATE_BYTES_PER_PARAM = 17.85
-FROZEN_BYTES_PER_PARAM = 6.0
-LOGIT_BYTES = 14.1
-ACT_BYTES_PER_D_INNER = 22.5
-CKPT_BYTES_PER_D_MODEL = 3.54
-CKPT_RECOMPUTE_BYTES_PER_D_INNER = 7.2
-BACKEND_ACT_FACTOR = {"triton": 1.0, "chunked": 1.47, "ref": 3.0}
-# Allocator fragmentation (peak reserved / peak allocated was 1.02-1.2 in the measurements).
-OVERHEAD = 1.10
+# The fitted coefficients (the table above) live in training/memory_coefficients.py, which the per-family estimates
+# (memory_mamba2.py, memory_hybrid.py) share; this module imports them and the estimates.
+
 # Share of a card's nominal memory a run may plan to use (the CUDA context and other processes take the rest).
 BUDGET_SHARE = 0.90
 
@@ -90,7 +90,6 @@ def estimate_for(model_config, n_params: int, micro_batch_size: int, seq_len: in
 
 def _estimate_mamba2(config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision,
                      n_trainable=None):
-    from .memory_mamba2 import activation_bytes_per_token_layer
     per_layer = activation_bytes_per_token_layer(config, precision)
     tokens = micro_batch_size * seq_len
     per_token = (config.n_layer * CKPT_BYTES_PER_D_MODEL * config.d_model + per_layer if gradient_checkpointing
@@ -104,7 +103,6 @@ def _estimate_mamba2(config, n_params, micro_batch_size, seq_len, gradient_check
 
 def _estimate_hybrid(config, n_params, micro_batch_size, seq_len, gradient_checkpointing, precision, backend,
                      n_trainable=None):
-    from .memory_hybrid import activation_bytes_per_token
     tokens = micro_batch_size * seq_len
     per_token = activation_bytes_per_token(config, precision, seq_len, gradient_checkpointing, backend)
     n_trainable = n_params if n_trainable is None else n_trainable

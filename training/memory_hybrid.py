@@ -19,7 +19,7 @@ layer is recomputed at a time.
 """
 from __future__ import annotations
 
-from .memory import ACT_BYTES_PER_D_INNER, BACKEND_ACT_FACTOR, CKPT_BYTES_PER_D_MODEL
+from .memory_coefficients import ACT_BYTES_PER_D_INNER, BACKEND_ACT_FACTOR, CKPT_BYTES_PER_D_MODEL
 from .memory_mamba2 import activation_bytes_per_token_layer as mamba2_bytes
 
 

@@ -46,7 +46,7 @@ class Trainer:
 
     Args:
         cfg: the resolved TrainConfig
-        model: MambaLanguageModel (fp32 parameters), on any device; moved to `device`
+        model: LanguageModel (fp32 parameters), on any device; moved to `device`
         tokenizer: saved into every checkpoint
         data: utils.dataset.PreparedData (train_tokens, val_tokens)
         device, precision: from training.precision

@@ -2,8 +2,8 @@
 ssm_cfg {"layer": "Mamba2"} (state-spaces/mamba2-130m ... 2.7b), to and from Mamba2Config.
 
 The weights need no renaming beyond Mamba-1's (mamba_ssm calls the embedding `embedding`): both formats name the
-mixer's tensors in_proj, conv1d, dt_bias, A_log, D, norm (the gated RMSNorm) and out_proj, as models/mamba2.py does.
-models/hf_format.py reads and writes the files and calls these for a Mamba-2 config.
+mixer's tensors in_proj, conv1d, dt_bias, A_log, D, norm (the gated RMSNorm) and out_proj, as models/layers/mamba2.py
+does. models/formats/__init__.py reads and writes the files and calls these for a Mamba-2 config.
 
 HF's field names: hidden_size, num_hidden_layers, state_size, conv_kernel, expand, head_dim, num_heads (must equal
 hidden_size * expand / head_dim), n_groups, time_step_min/max/floor, time_step_limit, chunk_size, use_bias,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .config import Mamba2Config
+from ..config import Mamba2Config
 
 # HF Mamba2Config key -> (our field, HF default). HF's defaults are not mamba_ssm's (n_groups 8, untied head).
 _HF_FIELDS = {"state_size": ("d_state", 128), "conv_kernel": ("d_conv", 4), "expand": ("expand", 2),

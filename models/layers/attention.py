@@ -1,14 +1,13 @@
-"""Causal self-attention (grouped-query, RoPE or NoPE) and the SwiGLU MLP, as layers of models/hybrid.py.
+"""The attention layer (pattern letter "A"): causal self-attention, grouped-query, RoPE or NoPE, behind a pre-norm.
 
 Shape letters:
     b: batch        l: sequence length        d: d_model          s: KV-cache slots (the generation's length)
     h: query heads  g: key/value heads (h / g query heads share one, GQA)              e: head_dim
-    f: d_ff (SwiGLU hidden width)
 
 The math is Llama's: q, k, v = x Wq, x Wk, x Wv; RoPE rotates q and k by each token's position (the "rotate half"
 layout of HF transformers' Llama, so a Llama-shaped model needs no permutation to be saved as one);
 o = softmax(q k^T / sqrt(e) + causal mask) v through F.scaled_dot_product_attention (flash / memory-efficient
-kernels on GPUs, the math kernel on the CPU); out = o Wo. The MLP is SwiGLU: W2 (silu(x W1) * x W3). No biases.
+kernels on GPUs, the math kernel on the CPU); out = o Wo. No biases.
 
 Positions and padding: a LEFT-padded batch (attention_mask 0 before the prompt) must give every row what it gets
 alone, so pads are masked out as keys and RoPE counts positions from each row's first real token. During decoding
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hybrid_config import HybridConfig
+from .base import Layer, ModelKernels, RMSNorm, add_norm
 
 
 @dataclass
@@ -73,22 +72,24 @@ def positions_from_mask(mask: torch.Tensor | None, b: int, l: int, device) -> to
 class CausalSelfAttention(nn.Module):
     """Grouped-query causal self-attention with an optional rotary embedding; Llama's parameter names."""
 
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config):
+        """config: the model's ModelConfig (models/config.py): heads, head_dim, init_std."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.resolved_head_dim
+        self.init_std, self.n_residual_branches = config.init_std, config.n_residual_branches
         d, h, g, e = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(d, h * e, bias=False)
         self.k_proj = nn.Linear(d, g * e, bias=False)
         self.v_proj = nn.Linear(d, g * e, bias=False)
         self.o_proj = nn.Linear(h * e, d, bias=False)
-        self.reset_parameters(config)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, config: HybridConfig):
+    def reset_parameters(self):
         """GPT-2/Llama: N(0, init_std); the output projection (a residual branch) scaled by 1/sqrt(branches)."""
         for linear in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(linear.weight, std=config.init_std)
-        nn.init.normal_(self.o_proj.weight, std=config.init_std / math.sqrt(config.n_residual_branches))
+            nn.init.normal_(linear.weight, std=self.init_std)
+        nn.init.normal_(self.o_proj.weight, std=self.init_std / math.sqrt(self.n_residual_branches))
 
     def _qkv(self, x, rope):
         """x (b, l, d) -> q (b, h, l, e), k and v (b, g, l, e), RoPE applied."""
@@ -140,20 +141,36 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(o.reshape(b, -1))                                 # (b, d)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama's names)."""
+class AttentionLayer(Layer):
+    """RMSNorm -> CausalSelfAttention, the residual add fused into the norm (models/layers/base.py).
 
-    def __init__(self, config: HybridConfig):
+    cache entry: keys and values, each (b, g, slots, e) in the model dtype"""
+    description = "attention"
+    has_kv_cache = True
+
+    def __init__(self, config):
+        """config: the model's ModelConfig (models/config.py)."""
         super().__init__()
-        d, f = config.d_model, config.resolved_d_ff
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-        with torch.no_grad():
-            nn.init.normal_(self.gate_proj.weight, std=config.init_std)
-            nn.init.normal_(self.up_proj.weight, std=config.init_std)
-            nn.init.normal_(self.down_proj.weight, std=config.init_std / math.sqrt(config.n_residual_branches))
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = CausalSelfAttention(config)
 
-    def forward(self, x):
-        """(..., d) -> (..., d)"""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.ones_(self.norm.weight)
+        self.mixer.reset_parameters()
+
+    def forward(self, h, residual, ctx: AttentionContext, state, kernels: ModelKernels):
+        normed, residual = add_norm(self.norm, h, residual, self.mixer.q_proj.weight, self.residual_in_fp32,
+                                    kernels.norm)
+        return self.mixer(normed, ctx, state), residual
+
+    def step(self, h, residual, ctx: AttentionContext, state, kernels: ModelKernels):
+        normed, residual = add_norm(self.norm, h, residual, self.mixer.q_proj.weight, self.residual_in_fp32,
+                                    kernels.norm)
+        return self.mixer.step(normed, ctx, state), residual
+
+    def init_state(self, batch_size, slots, device, dtype):
+        m = self.mixer
+        shape = (batch_size, m.n_kv_heads, slots, m.head_dim)
+        return (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

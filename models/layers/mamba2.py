@@ -1,7 +1,8 @@
-"""Mamba-2 language model, as released by Dao & Gu (state-spaces/mamba modules/mamba2.py), in plain PyTorch.
+"""The Mamba-2 layer (pattern letter "2"): the SSD mixer of Dao & Gu (state-spaces/mamba modules/mamba2.py) behind a
+pre-norm, in plain PyTorch.
 
 Parameter names and math match HF transformers' Mamba2ForCausalLM and mamba_ssm's MambaLMHeadModel with
-ssm_cfg {"layer": "Mamba2"}, so their checkpoints load as they are (models/hf_format_mamba2.py). The SSD scan lives
+ssm_cfg {"layer": "Mamba2"}, so their checkpoints load as they are (models/formats/hf_mamba2.py). The SSD scan lives
 in kernels/ssd.py and is chosen there.
 
 Shape letters (mamba_ssm's names):
@@ -15,30 +16,19 @@ The mixer, token by token:
     x, B, C = silu(causal depthwise conv(x, B, C))             one conv over conv_dim channels
     y = SSD(x, dt + dt_bias -> softplus -> clamp(dt_limit), A = -exp(A_log), B, C) + D * x     per head
     out = out_proj(RMSNorm_per_group(y * silu(z)))             norm_before_gate=False, group size d_in / g
-
-The language model around it is Mamba-1's (models/mamba.py): pre-norm blocks with the residual add fused into the
-norm and the stream in fp32, a final norm, the head tied to the padded embedding, the same forward / prefill / step
-/ step_states / generate and one cache entry per layer, so inference/decoder.py (CUDA graphs included),
-models/sampling.py and generate.py serve both families through one interface.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn as nn
 
-from kernels import add_rms_norm, causal_conv1d, causal_conv1d_update
-from kernels.causal_conv import resolve_conv_backend
-from kernels.norm import resolve_norm_backend
+from kernels import causal_conv1d, causal_conv1d_update
 from kernels.norm_gated import rms_norm_gated
-from kernels.ssd import process_dt, resolve_ssd_backend, ssd_scan, ssd_state_update
+from kernels.ssd import process_dt, ssd_scan, ssd_state_update
 
-from .config import Mamba2Config
-from .mamba import KernelChoice, MambaCache, MambaLanguageModel, RMSNorm, _compute_dtype, resolve_or_fall_back
-
-logger = logging.getLogger(__name__)
+from .base import REFERENCE, Layer, ModelKernels, RMSNorm, add_norm, compute_dtype
 
 
 class GatedRMSNorm(nn.Module):
@@ -58,7 +48,8 @@ class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer: in_proj -> conv over (x, B, C) -> SiLU -> SSD scan (+ D x) -> gated group RMSNorm ->
     out_proj."""
 
-    def __init__(self, config: Mamba2Config):
+    def __init__(self, config):
+        """config: a Mamba2Config (models/config.py): the mixer's settings; n_layer is the whole stack's (init)."""
         super().__init__()
         self.config = config
         c = config
@@ -110,7 +101,7 @@ class Mamba2Mixer(nn.Module):
         Returns:
             (b, l, d)
         """
-        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
+        kernels = kernels or REFERENCE
         b, l, _ = u.shape
         zxbcdt = self.in_proj(u)                                               # (b, l, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -132,13 +123,13 @@ class Mamba2Mixer(nn.Module):
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        y = self.norm(y.flatten(-2), z, out_dtype=_compute_dtype(y, self.out_proj.weight))   # (b, l, d_in)
+        y = self.norm(y.flatten(-2), z, out_dtype=compute_dtype(y, self.out_proj.weight))   # (b, l, d_in)
         return self.out_proj(y)                                                # (b, l, d)
 
     def step(self, u, conv_state, ssm_state, kernels=None):
         """One token. Args: u (b, d); conv_state (b, conv_dim, k) and ssm_state (b, h, p, n), updated in place.
         Returns: (b, d)"""
-        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
+        kernels = kernels or REFERENCE
         zxbcdt = self.in_proj(u)                                               # (b, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         fused = kernels.conv == "triton" and not torch.compiler.is_compiling()   # as in SelectiveSSM.step
@@ -150,75 +141,49 @@ class Mamba2Mixer(nn.Module):
                              B.unflatten(-1, (self.ngroups, self.d_state)),
                              C.unflatten(-1, (self.ngroups, self.d_state)), D=self.D, dt_bias=self.dt_bias,
                              dt_softplus=True, dt_limit=self.config.dt_limit)  # (b, h, p)
-        y = self.norm(y.flatten(-2), z, out_dtype=_compute_dtype(y, self.out_proj.weight))   # (b, d_in)
+        y = self.norm(y.flatten(-2), z, out_dtype=compute_dtype(y, self.out_proj.weight))   # (b, d_in)
         return self.out_proj(y)                                                # (b, d)
 
 
-class Mamba2Block(nn.Module):
-    """Pre-norm residual block with the residual add fused into the norm (see models/mamba.py's MambaBlock):
-    takes the previous mixer output and the residual stream, returns (this mixer's output, the stream)."""
+class Mamba2Layer(Layer):
+    """RMSNorm -> Mamba2Mixer, the residual add fused into the norm (models/layers/base.py).
 
-    def __init__(self, config: Mamba2Config):
+    cache entry: conv (b, conv_dim, k) in the model dtype, SSM state (b, h, p, n) fp32"""
+    description = "Mamba-2"
+
+    def __init__(self, config):
+        """config: the model's ModelConfig (models/config.py); the mixer takes its mamba2_config()."""
         super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
-        self.mixer = Mamba2Mixer(config)
+        settings = config.mamba2_config()
+        self.residual_in_fp32 = settings.residual_in_fp32
+        self.norm = RMSNorm(settings.d_model, eps=settings.norm_epsilon)
+        self.mixer = Mamba2Mixer(settings)
 
-    def _add_norm(self, h, residual, backend):
-        residual_dtype = torch.float32 if self.residual_in_fp32 else self.norm.weight.dtype
-        return add_rms_norm(h, residual, self.norm.weight, self.norm.eps,
-                            out_dtype=_compute_dtype(h, self.mixer.in_proj.weight), residual_dtype=residual_dtype,
-                            backend=backend)
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Every parameter drawn afresh: PyTorch's init of the projections and the conv, then the released one."""
+        m = self.mixer
+        nn.init.ones_(self.norm.weight)
+        nn.init.ones_(m.norm.weight)
+        for module in (m.in_proj, m.conv1d, m.out_proj):
+            module.reset_parameters()
+        m.reset_parameters()
 
-    def forward(self, h, residual=None, attention_mask=None, conv_state=None, ssm_state=None, kernels=None):
+    def forward(self, h, residual=None, ctx=None, state=None, kernels: ModelKernels = ModelKernels()):
         """h, residual: (b, l, d) -> (mixer output, residual), both (b, l, d)."""
-        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
-        normed, residual = self._add_norm(h, residual, kernels.norm)
-        return self.mixer(normed, attention_mask, conv_state, ssm_state, kernels), residual
+        conv_state, ssm_state = state if state is not None else (None, None)
+        normed, residual = add_norm(self.norm, h, residual, self.mixer.in_proj.weight, self.residual_in_fp32,
+                                    kernels.mamba2.norm)
+        mask = None if ctx is None else ctx.mask
+        return self.mixer(normed, mask, conv_state, ssm_state, kernels.mamba2), residual
 
-    def step(self, h, residual, conv_state, ssm_state, kernels=None):
+    def step(self, h, residual, ctx, state, kernels: ModelKernels = ModelKernels()):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
-        kernels = kernels or KernelChoice(scan="ref", conv="torch", norm="torch")
-        normed, residual = self._add_norm(h, residual, kernels.norm)
-        return self.mixer.step(normed, conv_state, ssm_state, kernels), residual
+        normed, residual = add_norm(self.norm, h, residual, self.mixer.in_proj.weight, self.residual_in_fp32,
+                                    kernels.mamba2.norm)
+        return self.mixer.step(normed, state[0], state[1], kernels.mamba2), residual
 
-
-class Mamba2LanguageModel(MambaLanguageModel):
-    """Token embedding -> n_layer Mamba2Blocks -> RMSNorm -> LM head (tied to the embedding).
-
-    Everything around the blocks (forward, loss, prefill, step, step_states, generate, checkpoints) is the
-    language model of models/mamba.py; this class supplies the blocks, the cache shapes and the kernel choice."""
-
-    family = "mamba2"
-    block_class = Mamba2Block
-
-    def __init__(self, config: Mamba2Config):
-        if not isinstance(config, Mamba2Config):
-            raise TypeError(f"Mamba2LanguageModel needs a Mamba2Config, got {type(config).__name__}")
-        super().__init__(config)
-
-    def _choose_kernels(self, device: torch.device) -> KernelChoice:
-        requested = self.config.scan_backend
-        name = resolve_or_fall_back(resolve_ssd_backend, requested, device, "SSD")
-        choice = KernelChoice(scan=name, conv=resolve_conv_backend("auto", device),
-                              norm=resolve_norm_backend("auto", device))
-        note = (" (Triton forward and backward)" if name == "triton"
-                else " (the matmul-based chunked scan on CUDA)" if device.type == "cuda" and name == "chunked"
-                else "")
-        logger.info("kernels on %s: SSD scan %s (requested %r)%s, causal conv %s, add+RMSNorm %s, "
-                    "gated RMSNorm torch, LM loss chunked", device.type, choice.scan, requested, note,
-                    choice.conv, choice.norm)
-        return choice
-
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
-        """Empty recurrent state: per layer conv (b, conv_dim, k) in `dtype` and SSM (b, h, p, n) in fp32."""
-        weight = self.backbone.embeddings.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
-        cfg = self.config
-        return MambaCache(
-            conv_states=[torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, device=device, dtype=dtype)
-                         for _ in range(cfg.n_layer)],
-            ssm_states=[torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device,
-                                    dtype=torch.float32) for _ in range(cfg.n_layer)],
-        )
+    def init_state(self, batch_size, slots, device, dtype):
+        c = self.mixer.config
+        return (torch.zeros(batch_size, c.conv_dim, c.d_conv, device=device, dtype=dtype),
+                torch.zeros(batch_size, c.nheads, c.headdim, c.d_state, device=device, dtype=torch.float32))
