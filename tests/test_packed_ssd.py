@@ -46,7 +46,7 @@ def scan(inputs, backend, **kwargs):
     kwargs = dict(dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True, initial_states=h0, return_final_states=True,
                        chunk_size=CHUNK), **kwargs)
     if backend.startswith("triton"):
-        from kernels.triton_ssd import ssd_scan_triton
+        from kernels.triton_ssd_scan import ssd_scan_triton
         return ssd_scan_triton(x, dt, A, B, C, backward="vjp" if backend == "triton_vjp" else "kernels", **kwargs)
     return ssd_scan(x, dt, A, B, C, backend=backend, **kwargs)
 
