@@ -15,6 +15,7 @@ GPU times are triton.testing.do_bench medians (ms); CPU times are time.perf_coun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -93,6 +94,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--docs", type=int, default=DOCS_PER_ROW, help="documents per row of the packed variant")
     p.add_argument("--repeat", type=int, default=3, help="CPU timing repeats (the GPU uses do_bench's)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds in which the variants take turns (medians)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.smoke:
@@ -120,17 +122,21 @@ def main(argv=None):
     records = []
     for with_grad in (False, True):
         mode = "fwd+bwd" if with_grad else "fwd"
-        base_ms = None
-        for label, seq_idx in variants:
-            run = lambda: call(inputs, backend, chunk, seq_idx, with_grad)          # noqa: E731
-            with torch.set_grad_enabled(with_grad):
-                out = run()
-                ms = time_ms(run, cuda, args.repeat)
-                err = max_err(out, call(inputs, "chunked", chunk, seq_idx, with_grad)) if cuda else None
-            base_ms = base_ms or ms
-            print(f"| {mode} | {label} | {ms:.3f} | {ms / base_ms:.2f} | "
+        runs, errs = [], []
+        with torch.set_grad_enabled(with_grad):
+            for _, seq_idx in variants:
+                run = functools.partial(call, inputs, backend, chunk, seq_idx, with_grad)
+                out = run()                                                   # compiles this variant's kernels
+                errs.append(max_err(out, call(inputs, "chunked", chunk, seq_idx, with_grad)) if cuda else None)
+                runs.append(run)
+            # the variants take turns, round after round, and each reports its median: one run's clock or order
+            # effects (seen on the H200: +-10% between two runs of this script) then hit every variant alike
+            rounds = [[time_ms(run, cuda, args.repeat) for run in runs] for _ in range(args.rounds)]
+        times = [statistics.median(column) for column in zip(*rounds)]
+        for (label, _), ms, err in zip(variants, times, errs):
+            print(f"| {mode} | {label} | {ms:.3f} | {ms / times[0]:.2f} | "
                   f"{'-' if err is None else f'{err:.1e}'} |", flush=True)
-            records.append(dict(mode=mode, variant=label, ms=ms, ratio_to_none=ms / base_ms, max_err=err))
+            records.append(dict(mode=mode, variant=label, ms=ms, ratio_to_none=ms / times[0], max_err=err))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=where, torch=torch.__version__, dtype=str(dtype),
                                                    backend=backend, chunk=chunk, shape=dict(
