@@ -126,7 +126,7 @@ class HybridLanguageModel(MambaLanguageModel):
         cfg = self.config
         if not (cfg.rope and self.has_attention):
             return None
-        return rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        return rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def _hidden_states(self, input_ids, attention_mask=None, cache: HybridCache | None = None):
         """The final-normed residual stream (b, l, d); fills `cache` (prefill) when given."""
@@ -197,9 +197,10 @@ class HybridLanguageModel(MambaLanguageModel):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, scan_backend="auto") -> "HybridLanguageModel":
-        """Load a directory in the project's own format (models/native_format.py)."""
-        from .native_format import load_native
-        return load_native(path, device=device, dtype=dtype, scan_backend=scan_backend)
+        """Load a directory in the project's own format (models/native_format.py) or an HF Llama one
+        (models/formats/llama.py)."""
+        from .registry import load_pretrained
+        return load_pretrained(path, device=device, dtype=dtype, scan_backend=scan_backend, family=cls.family)
 
     def save_pretrained(self, path, eos_token_id=None):
         """Write config.json (family, pattern, every field) + model.safetensors (models/native_format.py)."""

@@ -39,24 +39,28 @@ def build_model(config):
 
 
 def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=None):
-    """Load a checkpoint directory of any family (HF or mamba_ssm format); with `family`, only that one (another
-    family is a ValueError naming both)."""
+    """Load a checkpoint directory of any family (HF Mamba, mamba_ssm, HF Llama or our own format); with `family`,
+    only that one (another family is a ValueError naming both)."""
+    from .formats import llama
     from .hf_format import load_pretrained as load
     from .native_format import load_native
     config, fmt = read_config(path, scan_backend=scan_backend, family=family)
     if fmt == "mamba-trainer":
         return load_native(path, device=device, dtype=dtype, scan_backend=scan_backend, config=config)
+    if fmt == llama.FORMAT:
+        return llama.load_llama(path, device=device, dtype=dtype, scan_backend=scan_backend, config=config)
     return load(path, device=device, dtype=dtype, scan_backend=scan_backend, family=family)
 
 
 def read_config(path, scan_backend="auto", family=None):
-    """(config, format) of a checkpoint directory: format "hf" / "mamba_ssm" (models/hf_format.py) or
-    "mamba-trainer" (models/native_format.py, the hybrid family). With `family`, another family is a ValueError
-    naming both."""
+    """(config, format) of a checkpoint directory: format "hf" / "mamba_ssm" (models/hf_format.py),
+    "mamba-trainer" (models/native_format.py, the hybrid family) or "llama" (models/formats/llama.py, the hybrid
+    family with T layers). With `family`, another family is a ValueError naming both."""
     import json
     from pathlib import Path
 
     from . import hf_format
+    from .formats import llama
     from .native_format import FORMAT, config_from_native, is_native
     path = Path(path)
     if not path.is_dir():
@@ -74,6 +78,12 @@ def read_config(path, scan_backend="auto", family=None):
                              f"{family!r} was asked for; use family {config.family!r} (train.py --family "
                              f"{config.family}) or a {family} checkpoint")
         return config, FORMAT
+    if isinstance(header, dict) and llama.is_llama(header):
+        config = llama.config_from_llama(header, file, scan_backend)
+        if family not in (None, config.family):
+            raise ValueError(f"{file}: a Llama checkpoint, which loads as family 'hybrid' (pattern of T layers), "
+                             f"but family {family!r} was asked for; use train.py --family hybrid")
+        return config, llama.FORMAT
     if family == "hybrid":
         found, _ = hf_format.read_config(path, scan_backend)
         raise ValueError(f"{file}: a {found.family} checkpoint (HF format), but family 'hybrid' was asked for; "
