@@ -195,7 +195,9 @@ def test_train_sft_lora_then_chat_and_export(tmp_path, capsys, monkeypatch):
     import generate
     from tests.test_finetune import CHATS, TEXT, chat_file, sft_args
     from training import checkpoint as ck
+    from training.export_llama import main as export_main
     from training.launch import main
+    from transformers import AutoTokenizer
     from utils.chat import encode_chat
     from utils.tokenizer import Tokenizer
     tok = Tokenizer.train([TEXT], vocab_size=300)
@@ -216,12 +218,15 @@ def test_train_sft_lora_then_chat_and_export(tmp_path, capsys, monkeypatch):
     assert main(sft_args(base, data, tmp_path / "lora", *llama_args,
                          "--lora", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
     assert "on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj:" in capsys.readouterr().out
-    tuned, tok2, _ = ck.load_model_and_tokenizer(tmp_path / "lora")       # base + adapter, merged
-    save_llama(tuned, tmp_path / "export", eos_token_id=tok2.eot_id)
+    # python -m training.export_llama: the run (base + adapter, merged) as a Llama folder transformers opens
+    assert export_main([str(tmp_path / "lora"), str(tmp_path / "export")]) == 0
+    tuned, tok2, _ = ck.load_model_and_tokenizer(tmp_path / "lora")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").encode("hello") == tok2.encode("hello")
     x = torch.tensor([encode_chat(tok2, CHATS[0], add_generation_prompt=True)[0]])
     with torch.no_grad():
         assert max_diff(hf(x).logits, tuned.eval()(x)[0]) <= 1e-4
+    assert export_main([str(tmp_path / "absent"), str(tmp_path / "x")]) == 2
 
     # a setting our model cannot compute: one line, exit 2
     bad = tmp_path / "bad"
