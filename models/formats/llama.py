@@ -53,8 +53,8 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "backbone.embeddings.weight", "model.norm.weight": "backbone.norm_f.weight",
-                 "lm_head.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "backbone.embeddings.weight",
+                 "model.norm.weight": "backbone.norm_f.weight", "lm_head.weight": "lm_head.weight"}
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
