@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models import HybridConfig, HybridLanguageModel, load_pretrained
+from models import HybridConfig, HybridLanguageModel, load_pretrained, lora
 from models.formats.llama import config_from_llama, save_llama
 from models.registry import read_config
 
@@ -142,6 +142,12 @@ def test_a_padded_vocabulary_saves_as_the_real_one(tmp_path):
     mixed = HybridLanguageModel(HybridConfig(d_model=32, n_layer=2, vocab_size=VOCAB, pattern="MT", n_heads=4))
     with pytest.raises(ValueError, match="only a transformer .pattern of T layers"):
         save_llama(mixed, tmp_path / "no")
+    # unmerged LoRA adapters have no place in a Llama checkpoint: said, nothing written
+    lora.apply_lora(ours, lora.LoRAConfig(targets=["q_proj"], rank=2, alpha=4.0, dropout=0.0, rslora=False,
+                                          base_model="x"))
+    with pytest.raises(ValueError, match="merge LoRA adapters first"):
+        save_llama(ours, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists() and not (tmp_path / "no").exists()
 
 
 def test_dtype_sharding_and_the_reference_rope(tmp_path):

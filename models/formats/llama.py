@@ -163,15 +163,21 @@ def to_our_names(state_dict: dict, file) -> dict:
 
 
 def to_llama_names(state_dict: dict) -> dict:
+    """Our tensor names -> HF Llama's; ValueError for tensors a Llama has no place for (unmerged LoRA adapters)."""
     ours = {v: k for k, v in _GLOBAL_NAMES.items()}
     layer_ours = {v: k for k, v in _LAYER_NAMES.items()}
-    out = {}
+    out, extra = {}, []
     for key, tensor in state_dict.items():
+        layer = re.fullmatch(r"backbone\.layers\.(\d+)\.(.+)", key)
         if key in ours:
             out[ours[key]] = tensor
-            continue
-        _, _, i, rest = key.split(".", 3)                    # backbone.layers.<i>.<rest>
-        out[f"model.layers.{i}.{layer_ours[rest]}"] = tensor
+        elif layer and layer.group(2) in layer_ours:
+            out[f"model.layers.{layer.group(1)}.{layer_ours[layer.group(2)]}"] = tensor
+        else:
+            extra.append(key)
+    if extra:
+        raise ValueError(f"tensors a Llama checkpoint has no place for: {', '.join(sorted(extra)[:4])}"
+                         f"{' ...' if len(extra) > 4 else ''} (merge LoRA adapters first: models.lora.merge_and_unload)")
     return out
 
 
@@ -214,16 +220,17 @@ def save_llama(model, path, eos_token_id: int | None = None) -> None:
     Each file is written beside its final name and then renamed."""
     config = model.config
     check_exportable(config)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         del state_dict["lm_head.weight"]
     for key in ("backbone.embeddings.weight", "lm_head.weight"):
         if key in state_dict:
             state_dict[key] = state_dict[key][:config.vocab_size].contiguous()
+    tensors = to_llama_names(state_dict)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     tmp = path / (SAFETENSORS_NAME + ".tmp")
-    save_file(to_llama_names(state_dict), str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / SAFETENSORS_NAME)
     header = config_to_llama(config, model.backbone.embeddings.weight.dtype, eos_token_id)
     tmp = path / (CONFIG_NAME + ".tmp")
