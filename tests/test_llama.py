@@ -16,7 +16,7 @@ from models.registry import read_config
 
 VOCAB = 101        # not a multiple of anything: the vocabulary must come through exactly
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}    # tiny, so that the test's positions cross every band
+          "original_max_position_embeddings": 32}    # tiny: at head_dim 16 every band has a frequency
 
 VARIANTS = {
     # GQA (4 query heads over 2 KV heads), untied head, head_dim 24 != hidden / heads, a large theta
@@ -165,7 +165,9 @@ def test_dtype_sharding_and_the_reference_rope(tmp_path):
     want, scale = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
     got = rope_frequencies(16, 10000.0, model.config.rope_scaling)
     assert scale == 1.0 and torch.allclose(got, want, rtol=1e-6, atol=0)
-    assert got[0] == want[0] and got[-1] < want[-1] * 2      # the high band kept, the low band scaled
+    plain = rope_frequencies(16, 10000.0)
+    assert got[0] == plain[0] and got[-1] == plain[-1] / 8          # the high band kept, the low one scaled
+    assert plain[1] / 8 < got[1] < plain[1]                          # and one between, blended
 
 
 BASE = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
