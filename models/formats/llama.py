@@ -98,6 +98,8 @@ def config_from_llama(d: dict, file, scan_backend: str = "auto") -> HybridConfig
                          f"full causal attention")
     theta, scaling = _rope_settings(d, file)
     n_layer = d["num_hidden_layers"]
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+        raise ValueError(f"{file}: num_hidden_layers must be an integer >= 1, got {n_layer!r}")
     try:
         return HybridConfig(
             d_model=d["hidden_size"], n_layer=n_layer, vocab_size=d["vocab_size"], pattern="T" * n_layer,
