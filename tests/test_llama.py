@@ -123,6 +123,7 @@ def test_save_back_opens_in_transformers_with_the_same_logits(pair, tmp_path):
     assert written["tie_word_embeddings"] == hf.config.tie_word_embeddings and written["vocab_size"] == VOCAB
     # and ours reads its own export back to the same config (our defaults never leak into the round trip)
     assert read_config(tmp_path)[0] == read_config(folder)[0]
+    assert torch.equal(HybridLanguageModel.from_pretrained(tmp_path)(ids)[0], ours(ids)[0])
 
 
 @torch.no_grad()
