@@ -49,7 +49,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, d
     the low frequencies (wavelengths above original_max_position_embeddings / low_freq_factor) are divided by
     `factor`, the high ones (below .. / high_freq_factor) kept, and those between blended linearly in
     original_max_position_embeddings / wavelength."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    # 1 / theta^x, not theta^-x: the same fp32 rounding as transformers' Llama (at position 10^5 one ulp of a
+    # frequency is already ~1e-3 radians)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     if scaling is None:
         return inv_freq
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]

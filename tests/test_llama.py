@@ -155,6 +155,7 @@ def test_dtype_sharding_and_the_reference_rope(tmp_path):
     """config.json's dtype is honoured when none is asked for; a sharded folder loads; our Llama 3 frequencies are
     transformers'."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from models.attention import rope_frequencies
     hf = make_llama(tmp_path, "mha-tied-llama3")
@@ -165,7 +166,10 @@ def test_dtype_sharding_and_the_reference_rope(tmp_path):
     assert load_pretrained(tmp_path / "bf16", dtype=torch.float32).backbone.embeddings.weight.dtype == torch.float32
     want, scale = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
     got = rope_frequencies(16, 10000.0, model.config.rope_scaling)
-    assert scale == 1.0 and torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert scale == 1.0 and torch.equal(got, want)                  # bit for bit: long contexts agree too
+    plain_hf = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 500000.0})
+    assert torch.equal(LlamaRotaryEmbedding(plain_hf).inv_freq, rope_frequencies(32, 500000.0))
     plain = rope_frequencies(16, 10000.0)
     assert got[0] == plain[0] and got[-1] == plain[-1] / 8          # the high band kept, the low one scaled
     assert plain[1] / 8 < got[1] < plain[1]                          # and one between, blended
