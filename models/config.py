@@ -266,6 +266,9 @@ class ModelConfig:
     head_dim: int | None = None         # channels per head; None = d_model // n_heads
     rope: bool = True                   # rotary position embeddings; False = no positions at all (NoPE)
     rope_theta: float = 10000.0         # RoPE base
+    rope_scaling: dict | None = None    # None, or Llama 3's frequency scaling (models/layers/attention.py
+                                        # rope_frequencies): {"rope_type": "llama3", "factor", "low_freq_factor",
+                                        # "high_freq_factor", "original_max_position_embeddings"}
     # --- MLP (F and T layers)
     d_ff: int | None = None             # SwiGLU hidden width; None = 8/3 d_model rounded up to a multiple of 64
     # --- Mamba layers (M and 2): fields of MambaConfig / Mamba2Config besides the shared ones
@@ -301,6 +304,8 @@ class ModelConfig:
         for name in ("rope", "tie_embeddings", "residual_in_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         for name in ("mamba1", "mamba2"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"ModelConfig.{name} must be a dict of fields, got {getattr(self, name)!r}")
@@ -388,6 +393,23 @@ class ModelConfig:
         if missing:
             raise ValueError(f"ModelConfig needs the field(s) {missing}")
         return cls(**d)
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling) -> None:
+    """ValueError unless `scaling` is Llama 3's RoPE scaling dict with every number it needs (> 0)."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(f"ModelConfig.rope_scaling must be null or {{'rope_type': 'llama3', "
+                         f"{', '.join(repr(k) + ': ...' for k in ROPE_SCALING_KEYS)}}}, got {scaling!r}")
+    for key in ROPE_SCALING_KEYS:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a finite number > 0, got {value!r}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"ModelConfig.rope_scaling: high_freq_factor {scaling['high_freq_factor']} must exceed "
+                         f"low_freq_factor {scaling['low_freq_factor']}")
 
 
 def _check_model_int(name, value, extra=""):

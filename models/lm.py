@@ -248,7 +248,7 @@ class LanguageModel(nn.Module):
         spec = self.spec
         if not (spec.rope and self.has_attention):
             return None
-        return rope_tables(positions, spec.resolved_head_dim, spec.rope_theta)
+        return rope_tables(positions, spec.resolved_head_dim, spec.rope_theta, spec.rope_scaling)
 
     def _hidden_states(self, input_ids, attention_mask=None, cache: Cache | None = None):
         """The final-normed residual stream (b, l, d); fills `cache` (prefill) when given."""
@@ -403,8 +403,9 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, scan_backend="auto", family=None) -> "LanguageModel":
-        """Load a checkpoint directory of any format models/formats/ reads (HF Mamba / Mamba2, mamba_ssm, the
-        project's own); with `family` ("mamba1", "mamba2", "hybrid"), a checkpoint of another family is an error."""
+        """Load a checkpoint directory of any format models/formats/ reads (HF Mamba / Mamba2, mamba_ssm, HF
+        Llama, the project's own); with `family` ("mamba1", "mamba2", "hybrid"), a checkpoint of another family is an
+        error."""
         return _formats().load(path, device=device, dtype=dtype, scan_backend=scan_backend, family=family)
 
     def save_pretrained(self, path, eos_token_id=None):

@@ -39,6 +39,7 @@ def resize_vocab(model: nn.Module, vocab_size: int) -> bool:
         model.lm_head.weight = model.backbone.embeddings.weight
         model.lm_head.out_features = new.padded_vocab_size
     model.config = new
+    model.spec = new.to_model_config()     # what the layers and the formats read (vocab_size: the Llama export)
     for layer in model.backbone.layers:    # a hybrid's layers: mixers of their own config kind, MLPs have none
         mixer = getattr(layer, "mixer", None)
         if mixer is not None and dataclasses.is_dataclass(getattr(mixer, "config", None)):

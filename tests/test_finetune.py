@@ -86,6 +86,7 @@ def test_vocab_grows_for_the_chat_tokens_and_keeps_the_padding_rule(base):
     before = model(x)[0]
     assert resize_vocab(model, tok.vocab_size)
     assert model.config.vocab_size == tok.vocab_size and model.config.padded_vocab_size % 8 == 0
+    assert model.spec.vocab_size == tok.vocab_size                      # the ModelConfig it stands for follows
     assert model.lm_head.weight is model.backbone.embeddings.weight
     after = model(x)[0]
     assert torch.allclose(after[..., :before.shape[-1] - 8], before[..., :before.shape[-1] - 8])

@@ -217,6 +217,7 @@ def test_vocab_grows_on_every_layer_kind():
     before = model(x)[0]
     assert resize_vocab(model, 70)
     assert model.config.vocab_size == 70 and model.config.padded_vocab_size == 80
+    assert model.spec == model.config          # the spec follows (the Llama export cuts to spec.vocab_size)
     assert model.backbone.layers[0].mixer.config.d_inner == 64          # a Mamba-1 mixer keeps its own config
     after = model(x)[0]
     assert after.shape[-1] == 80

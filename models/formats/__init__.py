@@ -6,6 +6,7 @@ save_pretrained), so that users keep both.
     hf_mamba.py    Mamba-1: HF transformers' MambaForCausalLM and original mamba_ssm configs  (family mamba1)
     hf_mamba2.py   Mamba-2: HF transformers' Mamba2ForCausalLM and mamba_ssm's Mamba2 configs (family mamba2)
     native.py      the project's own format, for any layer pattern                          (family hybrid)
+    llama.py       HF transformers' LlamaForCausalLM in, and out for a pattern of T layers  (family hybrid)
     files.py       the tensors in and out of a directory, strictly checked; atomic writes
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..lm import CheckpointIO, LanguageModel, register_checkpoint_io
-from . import hf_mamba, hf_mamba2
+from . import hf_mamba, hf_mamba2, llama
 from .files import (CONFIG_NAME, as_dtype, build_with_weights, listing, read_state_dict, to_our_names,
                     weights_dtype, write_checkpoint)
 from .native import FORMAT as NATIVE_FORMAT, config_from_native, is_native, native_header
@@ -51,8 +52,8 @@ def _family_mismatch(d: dict, found: str, family: str) -> str:
 
 def read_config(path, scan_backend: str = "auto", family: str | None = None):
     """(config, format) of a checkpoint directory: format "hf" / "mamba_ssm" (a MambaConfig or Mamba2Config, as
-    the file says) or "mamba-trainer" (native.py: a ModelConfig). With `family`, a checkpoint of another family is a
-    ValueError naming both."""
+    the file says), "mamba-trainer" (native.py: a ModelConfig) or "llama" (llama.py: a ModelConfig of T layers).
+    With `family`, a checkpoint of another family is a ValueError naming both."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist" if not path.exists()
@@ -73,6 +74,12 @@ def read_config(path, scan_backend: str = "auto", family: str | None = None):
                              f"{family!r} was asked for; use family {config.family!r} (train.py --family "
                              f"{config.family}) or a {family} checkpoint")
         return config, NATIVE_FORMAT
+    if llama.is_llama(d):
+        config = llama.config_from_llama(d, file, scan_backend)
+        if family not in (None, config.family):
+            raise ValueError(f"{file}: a Llama checkpoint, which loads as family 'hybrid' (pattern of T layers), "
+                             f"but family {family!r} was asked for; use train.py --family hybrid")
+        return config, llama.FORMAT
     found = detect_family(d)
     if family == "hybrid":
         raise ValueError(f"{file}: a {found} checkpoint (HF format), but family 'hybrid' was asked for; "
@@ -94,20 +101,25 @@ def load_pretrained(path, device=None, dtype=None, scan_backend="auto", family=N
     Args:
         path: the directory
         device: where the model goes (default CPU)
-        dtype: torch dtype (or its name, e.g. "bfloat16") of the parameters; default float32
+        dtype: torch dtype (or its name, e.g. "bfloat16") of the parameters; default float32 (a Llama folder: the
+            dtype its config.json names)
         scan_backend: the scan backend the model asks for (the configs' scan_backend)
         family: "mamba1", "mamba2" or "hybrid" to accept only that family, or None for whichever it holds
     Returns:
         the model, in eval mode
     """
+    config, fmt = read_config(path, scan_backend, family)
+    if fmt == llama.FORMAT:        # its own tensor names, and the dtype its config.json names when none is asked
+        return llama.load_llama(path, device=device, dtype=dtype, scan_backend=scan_backend, config=config)
     dtype = as_dtype(dtype)
-    config, _ = read_config(path, scan_backend, family)
     return build_with_weights(config, to_our_names(read_state_dict(Path(path))), Path(path), device, dtype)
 
 
 def save_pretrained(model: LanguageModel, path, eos_token_id: int | None = None) -> None:
     """Write `model` in its family's format: config.json + model.safetensors that transformers' MambaForCausalLM
-    (mamba1) or Mamba2ForCausalLM (mamba2) loads, or the project's own format (hybrid)."""
+    (mamba1) or Mamba2ForCausalLM (mamba2) loads, or the project's own format (hybrid, whatever the pattern: it
+    keeps every ModelConfig field). A pattern of T layers goes out as Llama through llama.save_llama
+    (python -m training.export_llama)."""
     family = model.config.family
     if family in _HF_FAMILIES:
         header = {**_HF_FAMILIES[family][2](model.config, eos_token_id), "dtype": weights_dtype(model)}

@@ -129,16 +129,22 @@ def build_with_weights(config, state_dict, path, device=None, dtype=None):
 # ---- write ----------------------------------------------------------------------------------------------------------
 
 def write_checkpoint(model, path, config_json: dict) -> None:
-    """Write path/model.safetensors (no lm_head.weight when tied, as transformers expects) and path/config.json
-    (`config_json` plus the weights' dtype). Each file is written beside its final name and then renamed, so a
-    crash never leaves a half-written file under the real name."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Write path/model.safetensors (the model's tensors, no lm_head.weight when tied, as transformers expects) and
+    path/config.json (`config_json`), atomically (write_tensors)."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.spec.tie_embeddings:
         del state_dict["lm_head.weight"]
+    write_tensors(state_dict, path, config_json)
+
+
+def write_tensors(tensors: dict, path, config_json: dict) -> None:
+    """Write path/model.safetensors (`tensors`, contiguous CPU tensors) and path/config.json (`config_json`). Each
+    file is written beside its final name and then renamed, so a crash never leaves a half-written file under the
+    real name."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     tmp = path / (SAFETENSORS_NAME + ".tmp")
-    save_file(state_dict, str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / SAFETENSORS_NAME)
     tmp = path / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(config_json, indent=2) + "\n")

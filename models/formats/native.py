@@ -51,6 +51,8 @@ def native_header(model, eos_token_id: int | None = None) -> dict:
     """The config.json of `model` in this format."""
     fields = model.config.to_dict()
     fields.pop("scan_backend")            # a choice of the machine that loads it, not of the model
+    if fields["rope_scaling"] is None:    # written only when set (Llama 3 RoPE): an unscaled model's file stays
+        del fields["rope_scaling"]        # what the code before the field wrote, and that code still reads it
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "family": model.config.family,
             "pattern": model.config.pattern, "config": fields, "dtype": weights_dtype(model),
             "eos_token_id": eos_token_id}

@@ -43,10 +43,28 @@ class AttentionContext:
 
 # ---- rotary position embeddings -------------------------------------------------------------------------------------
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotation frequencies theta^(-2i/e), i < e/2, fp32 (e/2,); with Llama 3's scaling (ModelConfig.rope_scaling)
+    the low frequencies (wavelengths above original_max_position_embeddings / low_freq_factor) are divided by
+    `factor`, the high ones (below .. / high_freq_factor) kept, and those between blended linearly in
+    original_max_position_embeddings / wavelength."""
+    # 1 / theta^x, not theta^-x: the same fp32 rounding as transformers' Llama (at position 10^5 one ulp of a
+    # frequency is already ~1e-3 radians)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)        # 0 at long, 1 at short wavelengths
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles. positions (b, l) long -> (cos, sin), each (b, l, e) fp32.
-    Frequencies theta^(-2i/e) for i < e/2, repeated for the two halves (HF Llama's layout)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    Frequencies from rope_frequencies, repeated for the two halves (HF Llama's layout)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device=positions.device)
     angles = positions.float()[..., None] * inv_freq                         # (b, l, e/2)
     angles = torch.cat([angles, angles], dim=-1)                              # (b, l, e)
     return angles.cos(), angles.sin()
