@@ -30,12 +30,13 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import add_rms_norm, linear_cross_entropy, resolve_backend
 from kernels.causal_conv import resolve_conv_backend
+from kernels.documents import check_seq_idx
 from kernels.norm import resolve_norm_backend
 from kernels.ssd import resolve_ssd_backend
 
 from .config import ATTENTION_SYMBOLS, ModelConfig
 from .layers import LAYERS
-from .layers.attention import AttentionContext, positions_from_mask, rope_tables
+from .layers.attention import AttentionContext, positions_from_mask, positions_from_seq_idx, rope_tables
 from .layers.base import REFERENCE, KernelChoice, ModelKernels, RMSNorm, compute_dtype
 from .sampling import SamplingParams, sample
 
@@ -215,19 +216,25 @@ class LanguageModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, targets=None, attention_mask=None, cache=None, return_logits=True):
+    def forward(self, input_ids, targets=None, attention_mask=None, cache=None, return_logits=True, seq_idx=None):
         """Args:
             input_ids: (b, l) long
-            targets: (b, l) long or None; -100 marks positions left out of the loss
+            targets: (b, l) long or None; -100 (the loss's ignore index) marks positions left out of the loss
             attention_mask: (b, l) 1 = token, 0 = left padding; or None
             cache: an empty Cache (from init_cache / init_decode_cache) to fill for decoding with step(), or None
             return_logits: False skips the (b, l, v) logits when a loss is asked for: the loss is then taken
                 chunk by chunk from the hidden states (kernels.linear_cross_entropy), which never holds the fp32
                 logits of the whole batch (what training wants)
+            seq_idx: (b, l) integer or None: packed rows, the document index of each token, non-decreasing along a
+                row (kernels/documents.py). Every layer keeps documents apart: the Mamba layers' conv and scan
+                restart at each document start, attention attends within the document only, with RoPE positions
+                counted from the document's first token. The loss is the same mean over targets != -100: the
+                caller sets the target of each document's last token to -100 (it would otherwise be the next
+                document's first token). Not with attention_mask or cache. None: one document per row
         Returns:
             logits (b, l, v) or None, loss (mean cross-entropy over targets != -100) or None
         """
-        hidden = self._hidden_states(input_ids, attention_mask, cache)        # (b, l, d)
+        hidden = self._hidden_states(input_ids, attention_mask, cache, seq_idx)   # (b, l, d)
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
@@ -239,10 +246,10 @@ class LanguageModel(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, cache=None, seq_idx=None):
         """The final-normed residual stream (b, l, d): the LM head's input, for callers that take the head over a
         few positions at a time (evaluation/scoring.py). Same arguments as forward; fills an empty `cache`."""
-        return self._hidden_states(input_ids, attention_mask, cache)
+        return self._hidden_states(input_ids, attention_mask, cache, seq_idx)
 
     def _rope(self, positions):
         spec = self.spec
@@ -250,13 +257,15 @@ class LanguageModel(nn.Module):
             return None
         return rope_tables(positions, spec.resolved_head_dim, spec.rope_theta, spec.rope_scaling)
 
-    def _hidden_states(self, input_ids, attention_mask=None, cache: Cache | None = None):
+    def _hidden_states(self, input_ids, attention_mask=None, cache: Cache | None = None, seq_idx=None):
         """The final-normed residual stream (b, l, d); fills `cache` (prefill) when given."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a (batch, length) long tensor, "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         b, l = input_ids.shape
         mask = None if attention_mask is None else self._check_mask(attention_mask, input_ids)
+        if seq_idx is not None:
+            seq_idx = self._check_seq_idx(seq_idx, input_ids, attention_mask, cache)
         if cache is not None:
             if cache.seqlen_offset != 0:
                 raise ValueError("forward(cache=...) fills an empty cache (prompt prefill); "
@@ -268,8 +277,13 @@ class LanguageModel(nn.Module):
                                  f"allocate the cache for the prompt plus the new tokens")
         h = self.backbone.embeddings(input_ids)                                # (b, l, d)
         kernels = self.kernels_for(h.device)
-        rope = self._rope(positions_from_mask(mask, b, l, h.device)) if self.has_attention else None
-        ctx = AttentionContext(mask=mask, rope=rope)
+        if not self.has_attention:
+            rope = None
+        elif seq_idx is not None:
+            rope = self._rope(positions_from_seq_idx(seq_idx))
+        else:
+            rope = self._rope(positions_from_mask(mask, b, l, h.device))
+        ctx = AttentionContext(mask=mask, rope=rope, seq_idx=seq_idx)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         residual = None
         for i, layer in enumerate(self.backbone.layers):
@@ -301,6 +315,18 @@ class LanguageModel(nn.Module):
             raise ValueError("attention_mask must be LEFT padding (all 0s before all 1s in each row); "
                              "a recurrent model cannot skip pads in the middle or at the end")
         return mask
+
+    @staticmethod
+    def _check_seq_idx(seq_idx, input_ids, attention_mask, cache):
+        """seq_idx as the kernels take it ((b, l) int32); ValueError for what packed rows do not support."""
+        if attention_mask is not None:
+            raise ValueError("seq_idx and attention_mask cannot be combined: a packed row has no padding to mask "
+                             "(pad a row's tail as one more document, with targets -100)")
+        if cache is not None:
+            raise ValueError("seq_idx cannot fill a decoding cache: prefill one document per row")
+        if seq_idx.device != input_ids.device:
+            raise ValueError(f"seq_idx must be on input_ids' device ({input_ids.device}), got {seq_idx.device}")
+        return check_seq_idx(seq_idx, *input_ids.shape)
 
     @staticmethod
     def _reset_bookkeeping(cache: Cache, mask, l):

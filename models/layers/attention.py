@@ -9,6 +9,10 @@ layout of HF transformers' Llama, so a Llama-shaped model needs no permutation t
 o = softmax(q k^T / sqrt(e) + causal mask) v through F.scaled_dot_product_attention (flash / memory-efficient
 kernels on GPUs, the math kernel on the CPU); out = o Wo. No biases.
 
+Packed rows (seq_idx, kernels/documents.py): a token attends only to earlier tokens of its own document (a
+block-diagonal causal mask through SDPA) and RoPE counts positions from its document's first token, so each document
+gets what it gets alone.
+
 Positions and padding: a LEFT-padded batch (attention_mask 0 before the prompt) must give every row what it gets
 alone, so pads are masked out as keys and RoPE counts positions from each row's first real token. During decoding
 the KV cache holds s slots per layer, pre-allocated; AttentionContext.kv_valid marks the slots that hold real
@@ -31,11 +35,14 @@ class AttentionContext:
     """What attention layers need besides their input, built once per forward or step by the language model.
 
     mask:     (b, l) bool, False at left padding; None = no padding (forward only)
+    seq_idx:  (b, l) int32, the document of each token in packed rows (forward only; never with mask); None = one
+              document per row. Read by the Mamba layers too (their conv and scan restart at each document)
     rope:     (cos, sin), each (b, l, e) (forward) or (b, 1, e) (step) in fp32; None = NoPE or no attention layer
     kv_valid: (b, s) bool, the cache slots a step may attend to (step only)
     index:    (1,) long, the cache slot the step writes (step only)
     """
     mask: torch.Tensor | None = None
+    seq_idx: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     kv_valid: torch.Tensor | None = None
     index: torch.Tensor | None = None
@@ -85,6 +92,16 @@ def positions_from_mask(mask: torch.Tensor | None, b: int, l: int, device) -> to
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) long positions counted from the first token of each token's document (packed rows)."""
+    b, l = seq_idx.shape
+    t = torch.arange(l, device=seq_idx.device).expand(b, l)
+    starts = torch.ones(b, l, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    document_start = torch.where(starts, t, 0).cummax(dim=1).values          # (b, l): where each token's began
+    return t - document_start
+
+
 # ---- the mixers -----------------------------------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +139,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ctx: AttentionContext, kv_cache=None):
         """Args:
             x: (b, l, d)
-            ctx: AttentionContext (mask, rope)
+            ctx: AttentionContext (mask, seq_idx, rope)
             kv_cache: (k (b, g, s, e), v (b, g, s, e)) to fill with this prompt's keys and values, or None
         Returns:
             (b, l, d)
@@ -135,7 +152,12 @@ class CausalSelfAttention(nn.Module):
             kv_cache[0][:, :, :l] = k
             kv_cache[1][:, :, :l] = v
         gqa = self.n_kv_heads != self.n_heads
-        if ctx.mask is None:
+        if ctx.seq_idx is not None:
+            # block-diagonal causal: earlier tokens of the same document (the diagonal always, so no row is empty)
+            causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
+            allowed = causal & (ctx.seq_idx[:, :, None] == ctx.seq_idx[:, None, :])   # (b, l, l)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
+        elif ctx.mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)   # (b, h, l, e)
         else:
             # pads are never keys; a pad query attends to itself only (its output is never used, but stays finite)

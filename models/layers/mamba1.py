@@ -72,12 +72,14 @@ class SelectiveSSM(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
 
-    def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, kernels=REFERENCE):
+    def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, kernels=REFERENCE, seq_idx=None):
         """Args:
             x: (b, l, d)
             attention_mask: (b, l) bool or None; False = left padding, which never moves the state
             conv_state, ssm_state: this layer's cache tensors to fill (prefill), or None
             kernels: the concrete kernel backends (KernelChoice)
+            seq_idx: (b, l) int32 or None: packed rows, the document of each token; the conv's window and the
+                scan's state restart at each document start (kernels/documents.py)
         Returns:
             (b, l, d)
 
@@ -91,7 +93,8 @@ class SelectiveSSM(nn.Module):
         # weight (d_in, 1, k) -> (d_in, k) by squeeze, a view whose gradient is a view too (indexing [:, 0, :]
         # would cost a zero-filled (d_in, 1, k) and a copy per layer in backward)
         x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                          mask=attention_mask, conv_state=conv_state, backend=kernels.conv)   # (b, d_in, l) view
+                          mask=attention_mask, conv_state=conv_state, seq_idx=seq_idx,
+                          backend=kernels.conv)                                # (b, d_in, l) view
         x_dbl = self.x_proj(x.transpose(1, 2))                                 # (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # delta with dt_proj's bias, through the module (so that adapters wrapping dt_proj act on every path)
@@ -104,7 +107,7 @@ class SelectiveSSM(nn.Module):
         A = -torch.exp(self.A_log.float())                                     # (d_in, n)
         y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
                            z=z.transpose(1, 2), delta_softplus=softplus, return_last_state=ssm_state is not None,
-                           backend=kernels.scan)                               # (b, d_in, l) view of (b, l, d_in)
+                           seq_idx=seq_idx, backend=kernels.scan)     # (b, d_in, l) view of (b, l, d_in)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -178,8 +181,8 @@ class Mamba1Layer(Layer):
         conv_state, ssm_state = state if state is not None else (None, None)
         normed, residual = add_norm(self.norm, h, residual, self.mixer.in_proj.weight, self.residual_in_fp32,
                                     kernels.mamba1.norm)
-        mask = None if ctx is None else ctx.mask
-        return self.mixer(normed, mask, conv_state, ssm_state, kernels.mamba1), residual
+        mask, seq_idx = (None, None) if ctx is None else (ctx.mask, ctx.seq_idx)
+        return self.mixer(normed, mask, conv_state, ssm_state, kernels.mamba1, seq_idx), residual
 
     def step(self, h, residual, ctx, state, kernels: ModelKernels = ModelKernels()):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""

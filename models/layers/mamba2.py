@@ -92,12 +92,14 @@ class Mamba2Mixer(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
 
-    def forward(self, u, attention_mask=None, conv_state=None, ssm_state=None, kernels=None):
+    def forward(self, u, attention_mask=None, conv_state=None, ssm_state=None, kernels=None, seq_idx=None):
         """Args:
             u: (b, l, d)
             attention_mask: (b, l) bool or None; False = left padding, which never moves the state
             conv_state (b, conv_dim, k), ssm_state (b, h, p, n): this layer's cache tensors to fill, or None
             kernels: the concrete kernel backends (KernelChoice; its `scan` is the SSD backend)
+            seq_idx: (b, l) int32 or None: packed rows, the document of each token; the conv's window and the
+                scan's state restart at each document start (kernels/documents.py)
         Returns:
             (b, l, d)
         """
@@ -107,7 +109,8 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # the conv takes a (b, conv_dim, l) view of the token-major storage and returns one the same way
         xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                            mask=attention_mask, conv_state=conv_state, backend=kernels.conv).transpose(1, 2)
+                            mask=attention_mask, conv_state=conv_state, seq_idx=seq_idx,
+                            backend=kernels.conv).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())                                     # (h,)
         dt_bias, softplus, dt_limit = self.dt_bias, True, self.config.dt_limit
@@ -119,7 +122,7 @@ class Mamba2Mixer(nn.Module):
                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
                      D=self.D, dt_bias=dt_bias, dt_softplus=softplus, dt_limit=dt_limit,
                      return_final_states=ssm_state is not None, chunk_size=self.config.chunk_size,
-                     backend=kernels.scan)                                     # (b, l, h, p)
+                     seq_idx=seq_idx, backend=kernels.scan)                                     # (b, l, h, p)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -174,8 +177,8 @@ class Mamba2Layer(Layer):
         conv_state, ssm_state = state if state is not None else (None, None)
         normed, residual = add_norm(self.norm, h, residual, self.mixer.in_proj.weight, self.residual_in_fp32,
                                     kernels.mamba2.norm)
-        mask = None if ctx is None else ctx.mask
-        return self.mixer(normed, mask, conv_state, ssm_state, kernels.mamba2), residual
+        mask, seq_idx = (None, None) if ctx is None else (ctx.mask, ctx.seq_idx)
+        return self.mixer(normed, mask, conv_state, ssm_state, kernels.mamba2, seq_idx), residual
 
     def step(self, h, residual, ctx, state, kernels: ModelKernels = ModelKernels()):
         """h, residual: (b, d) -> (mixer output, residual), both (b, d)"""
