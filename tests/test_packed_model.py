@@ -31,9 +31,15 @@ LORA_TARGETS = ["in_proj", "out_proj", "x_proj", "dt_proj", "q_proj", "k_proj", 
 ROWS = [[2, 9, 5], [8, 4, 3, 1], [1, 14, 1]]
 
 
-def make_model(family, with_lora, backend="auto", device="cpu"):
+def make_model(family, with_lora, backend="auto", device="cpu", randomize=True):
+    """The family's tiny model in fp32; randomize: random values in every parameter (the fp32 tests), else the
+    released initialisation (the bf16 test: a randomized model is so ill-conditioned that bf16 loses ~20% of some
+    gradients, packed or not)."""
     torch.manual_seed(0)
-    model = randomize_parameters(build_model(CONFIGS[family](backend)), scale=0.3).to(device)
+    model = build_model(CONFIGS[family](backend))
+    if randomize:
+        randomize_parameters(model, scale=0.3)
+    model = model.eval().to(device)
     if with_lora:
         lora.apply_lora(model, lora.LoRAConfig(targets=LORA_TARGETS, rank=2), strict=False)
         with torch.no_grad():
@@ -175,18 +181,28 @@ def test_what_packed_rows_do_not_support_is_refused():
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_gpu_triton_packed_row_equals_its_documents_in_bf16(family, with_lora):
-    """The Triton scans and convs under bf16 autocast (training's precision): long enough documents to cross the
-    SSD chunks; bf16 rounds differently in a packed row than alone, hence the tolerance (relative to each tensor)."""
-    model = make_model(family, with_lora, backend="triton", device="cuda")
+    """The Triton scans and convs under bf16 autocast (training's precision), documents long enough to cross the
+    SSD chunks. bf16 rounds a packed row differently from a document alone, so the tolerance is bf16's own error: the
+    packed row in bf16 may be at most 4x as far from the fp32 truth (the documents alone in fp32, which the fp32
+    tests hold equal to the packed row) as the documents alone in bf16 are (plus 1e-3), in relative norm, for the
+    logits, the loss and every gradient. A document leaking into the next gives errors of order 1."""
+    model = make_model(family, with_lora, backend="triton", device="cuda", randomize=False)
     rows = [[3, 200, 57, 252], [256, 256], [1, 510, 1]]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        (logits, loss, grads), (logits_alone, loss_alone, grads_alone) = packed_and_alone(model, rows, "cuda")
-    assert model.kernels_for(logits.device).mamba1.scan in ("triton", "ref")    # ref: the pattern has no M layer
+        packed, alone = packed_and_alone(model, rows, "cuda")
+    _, truth = packed_and_alone(model, rows, "cuda")
+    kernels = model.kernels_for(torch.device("cuda"))
+    assert "M" not in model.spec.pattern or kernels.mamba1.scan == "triton"
+    assert "2" not in model.spec.pattern or kernels.mamba2.scan == "triton"
 
     def relative_error(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-6)).item()
 
-    assert relative_error(logits, logits_alone) < 2e-2
-    assert relative_error(loss, loss_alone) < 1e-2
-    for name in grads:
-        assert relative_error(grads[name], grads_alone[name]) < 5e-2, name
+    def check(what, pick):
+        error, bf16_error = relative_error(pick(packed), pick(truth)), relative_error(pick(alone), pick(truth))
+        assert error <= 4 * bf16_error + 1e-3, (what, error, bf16_error)
+
+    check("logits", lambda run: run[0])
+    check("loss", lambda run: run[1])
+    for name in packed[2]:
+        check(name, lambda run: run[2][name])
