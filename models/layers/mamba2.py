@@ -122,7 +122,7 @@ class Mamba2Mixer(nn.Module):
                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
                      D=self.D, dt_bias=dt_bias, dt_softplus=softplus, dt_limit=dt_limit,
                      return_final_states=ssm_state is not None, chunk_size=self.config.chunk_size,
-                     seq_idx=seq_idx, backend=kernels.scan)                                     # (b, l, h, p)
+                     seq_idx=seq_idx, backend=kernels.scan)                    # (b, l, h, p)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
