@@ -8,6 +8,7 @@ deterministic rule of models/vocab.py, then the adapter.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ import torch
 from configs.lora import NOT_HONOURED_BY_TRANSFORMERS, PEFT_REFUSED_ON_MAMBA, lora_targets
 from models import lora
 from models.vocab import resize_vocab
+from utils import packing
+from utils.sampler import ExampleSampler
 
 from .config import ConfigError, TrainConfig
-from .objectives import DPOObjective, SFTObjective, sequence_logps
+from .objectives import DPOObjective, PackedSFTObjective, SFTObjective, sequence_logps
 
 
 def load_task_data(cfg: TrainConfig, tokenizer, log):
@@ -103,11 +106,16 @@ def peft_note(targets) -> str | None:
             "write a merged plain checkpoint: python -m training.merge_lora CHECKPOINT OUT_DIR")
 
 
-def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device):
-    """The SFT or DPO objective. DPO's reference: the same model with adapters disabled (LoRA), else a frozen
-    copy of the starting weights (loaded from base_dir, so a resumed run keeps the original reference)."""
+def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device, log):
+    """The SFT (packed with cfg.pack: the packing efficiency is logged) or DPO objective. DPO's reference: the same
+    model with adapters disabled (LoRA), else a frozen copy of the starting weights (loaded from base_dir, so a
+    resumed run keeps the original reference)."""
     common = dict(batch_size=cfg.micro_batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed, rank=dist.rank,
                   world_size=dist.world_size)
+    if cfg.task == "sft" and cfg.pack:
+        objective = PackedSFTObjective(data, seq_len=cfg.seq_len, **common)
+        log(describe_packing(data.train, len(objective.train), cfg.seq_len, cfg.micro_batch_size, cfg.seed))
+        return objective
     if cfg.task == "sft":
         return SFTObjective(data, **common)
     if cfg.lora:
@@ -124,6 +132,18 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
         def reference(x, y):
             return sequence_logps(ref_model, x, y)
     return DPOObjective(data, reference=reference, beta=cfg.dpo_beta, **common)
+
+
+def describe_packing(examples, n_rows: int, seq_len: int, batch_size: int, seed: int) -> str:
+    """The start-up line of --pack: the share of real tokens in the packed rows against the padded batches the
+    same seed would draw in one epoch without packing."""
+    lengths = [packing.example_length(e, seq_len) for e in examples]
+    sampler = ExampleSampler(len(examples), batch_size, seed=seed)
+    order = [i for _ in range(math.ceil(len(examples) / batch_size)) for i in sampler.next_indices()]
+    packed = packing.packing_efficiency(lengths, n_rows, seq_len)
+    padded = packing.padded_efficiency([lengths[i] for i in order], batch_size)
+    return (f"packing      {len(examples):,} train examples into {n_rows:,} rows of {seq_len}: {packed:.1%} of the "
+            f"row positions are real tokens (padded batches of {batch_size} without --pack: {padded:.1%})")
 
 
 # ---- loading an adapter checkpoint -----------------------------------------------------------------------------------

@@ -259,7 +259,7 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
                                              precision, run_dir, log)
     else:
         objective = None if cfg.task == "lm" else \
-            finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
+            finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device, log)
     extra_eval = None if eval_sources is None else \
         extra.ExtraEvaluation(eval_sources, tokenizer, cfg.eval_tokens, cfg.micro_batch_size, cfg.eval_task_limit)
     try:

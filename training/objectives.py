@@ -13,12 +13,14 @@ is exact however the rows were split:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from utils.finetune_data import collate, collate_pairs
+from utils.packing import collate_packed, pack_examples
 from utils.sampler import BatchSampler, ExampleSampler, eval_batches
 
 IGNORE = -100
@@ -98,9 +100,36 @@ class SFTObjective(_ExampleObjective):
     def loss(self, model, batch):
         x, y = batch
         _, loss = model(x, targets=y, return_logits=False)         # mean over the assistant tokens, chunked
-        n = self.count(batch)
-        # a piece with no assistant token (rows split after an out-of-memory) adds 0; its mean would be 0/0
-        return (loss * n if n else loss.nan_to_num(0.0) * 0), {}
+        return _summed(loss, self.count(batch)), {}
+
+
+class PackedSFTObjective(SFTObjective):
+    """SFT with several examples per row (utils/packing.py): rows planned by first-fit decreasing, train and
+    validation alike, then sampled like examples (so the sampler's state resumes exactly). The model restarts its
+    state at each example (seq_idx), so the loss is the one the unpacked rows give, on far fewer padding tokens."""
+
+    capture_blocker = ("task sft: batches are cut to their fullest row (shapes vary) and the loss is scaled by a "
+                       "token count read on the host")
+
+    def __init__(self, data, batch_size: int, pad_id: int, seed: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1):
+        self.seq_len = seq_len
+        rows = dataclasses.replace(data, train=pack_examples(data.train, seq_len),
+                                   val=pack_examples(data.val, seq_len))
+        super().__init__(rows, batch_size, pad_id, seed, rank, world_size)
+
+    def collate(self, rows):
+        return collate_packed(rows, self.pad_id, self.seq_len)                 # x, y, seq_idx: (b, L) each
+
+    def loss(self, model, batch):
+        x, y, seq_idx = batch
+        _, loss = model(x, targets=y, seq_idx=seq_idx, return_logits=False)
+        return _summed(loss, self.count(batch)), {}
+
+
+def _summed(mean_loss, n: int):
+    # a piece with no assistant token (rows split after an out-of-memory) adds 0; its mean would be 0/0
+    return mean_loss * n if n else mean_loss.nan_to_num(0.0) * 0
 
 
 class DPOObjective(_ExampleObjective):
