@@ -173,6 +173,38 @@ def test_pack_is_a_setting_of_sft_only():
         TrainConfig(task="dpo", **common).validate()
 
 
+class DocumentByDocument(torch.nn.Module):
+    """A stand-in for a model that reads seq_idx: each run of one index goes through `model` on its own, so the
+    documents of a row cannot see each other (what the kernels' reset gives). Returns the mean loss like the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, targets, seq_idx, return_logits=True):
+        losses = []
+        for r in range(x.shape[0]):
+            for xs, ys, _ in split_row(x[r], targets[r], seq_idx[r]):
+                logits, _ = self.model(xs[None])
+                losses.append(torch.nn.functional.cross_entropy(logits[0].float(), ys, ignore_index=IGNORE,
+                                                                reduction="sum"))
+        return None, torch.stack(losses).sum() / (targets != IGNORE).sum()
+
+
+def test_packed_loss_with_a_stand_in_that_runs_each_document_alone():
+    torch.manual_seed(0)
+    model = LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=64)).float().eval()
+    examples = make_examples(10, seed=4, high=13)
+    data = TaskData("sft", examples, [], report=None)
+    packed = PackedSFTObjective(data, batch_size=len(examples), pad_id=PAD, seed=0, seq_len=12)
+    alone = SFTObjective(data, batch_size=1, pad_id=PAD, seed=0)
+    with torch.no_grad():
+        packed_sum, _ = packed.loss(DocumentByDocument(model), packed.collate(packed.train))
+        one_by_one = sum(alone.loss(model, alone.collate([e]))[0] for e in examples)
+    assert len(packed.train) < len(examples)
+    torch.testing.assert_close(packed_sum, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif("seq_idx" not in inspect.signature(LanguageModel.forward).parameters,
                     reason="needs seq_idx in LanguageModel.forward (issue 22 item 1, being built in parallel)")
 def test_packed_loss_equals_the_examples_one_by_one():
