@@ -128,8 +128,12 @@ def test_efficiency_figures():
     assert padded_efficiency([2, 4, 3, 1], batch_size=2) == pytest.approx(10 / 14)
     assert padded_efficiency([2, 4, 3], batch_size=2) == pytest.approx(9 / 11)          # a last, short batch
     examples = make_examples(50, high=41)
-    line = describe_packing(examples, len(pack_examples(examples, 40)), 40, 4, seed=0)
-    assert "50 train examples" in line and "%" in line
+    line = describe_packing(examples, pack_examples(examples, 40), 40, 4, seed=0)
+    assert "50 train examples into" in line and "packed" in line and "padded" in line
+    # two examples of 3 and 1 positions in one row of 8: half full; padded batches of 2 hold 4 tokens in 6
+    two = [SFTExample([1, 2, 3, 4], [IGNORE, 2, 3, 4]), SFTExample([5, 6], [IGNORE, 6])]
+    line = describe_packing(two, pack_examples(two, 8), 8, 2, seed=0)
+    assert "into 1 rows of 8 (50.0% full)" in line and "100.0% packed, 66.7% padded" in line
 
 
 def objective(examples, seed=0, batch_size=3, seq_len=40):

@@ -114,7 +114,7 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
                   world_size=dist.world_size)
     if cfg.task == "sft" and cfg.pack:
         objective = PackedSFTObjective(data, seq_len=cfg.seq_len, **common)
-        log(describe_packing(data.train, len(objective.train), cfg.seq_len, cfg.micro_batch_size, cfg.seed))
+        log(describe_packing(data.train, objective.train, cfg.seq_len, cfg.micro_batch_size, cfg.seed))
         return objective
     if cfg.task == "sft":
         return SFTObjective(data, **common)
@@ -134,16 +134,23 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
     return DPOObjective(data, reference=reference, beta=cfg.dpo_beta, **common)
 
 
-def describe_packing(examples, n_rows: int, seq_len: int, batch_size: int, seed: int) -> str:
-    """The start-up line of --pack: the share of real tokens in the packed rows against the padded batches the
-    same seed would draw in one epoch without packing."""
+def describe_packing(examples, rows, seq_len: int, batch_size: int, seed: int) -> str:
+    """The start-up line of --pack: how full the packed rows are, and the share of real tokens in the positions of
+    one epoch of batches, packed against padded (the batches the same seed would draw without --pack). A batch is
+    cut to its longest row either way, so a small set can lose less to padding than to half-empty packed rows."""
     lengths = [packing.example_length(e, seq_len) for e in examples]
-    sampler = ExampleSampler(len(examples), batch_size, seed=seed)
-    order = [i for _ in range(math.ceil(len(examples) / batch_size)) for i in sampler.next_indices()]
-    packed = packing.packing_efficiency(lengths, n_rows, seq_len)
-    padded = packing.padded_efficiency([lengths[i] for i in order], batch_size)
-    return (f"packing      {len(examples):,} train examples into {n_rows:,} rows of {seq_len}: {packed:.1%} of the "
-            f"row positions are real tokens (padded batches of {batch_size} without --pack: {padded:.1%})")
+    fills = [sum(packing.example_length(e, seq_len) for e in row) for row in rows]
+    full = packing.packing_efficiency(lengths, len(rows), seq_len)
+    padded = packing.padded_efficiency([lengths[i] for i in _one_epoch(len(examples), batch_size, seed)], batch_size)
+    packed = packing.padded_efficiency([fills[i] for i in _one_epoch(len(rows), batch_size, seed)], batch_size)
+    return (f"packing      {len(examples):,} train examples into {len(rows):,} rows of {seq_len} ({full:.1%} full); "
+            f"real tokens per position in batches of {batch_size}: {packed:.1%} packed, {padded:.1%} padded")
+
+
+def _one_epoch(n: int, batch_size: int, seed: int) -> list[int]:
+    """The indices of the first ceil(n / batch_size) batches an ExampleSampler of this seed draws."""
+    sampler = ExampleSampler(n, batch_size, seed=seed)
+    return [i for _ in range(math.ceil(n / batch_size)) for i in sampler.next_indices()]
 
 
 # ---- loading an adapter checkpoint -----------------------------------------------------------------------------------
