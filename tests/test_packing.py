@@ -15,6 +15,7 @@ from training.objectives import PackedSFTObjective, SFTObjective
 from utils.finetune_data import SFTExample, TaskData, collate
 from utils.packing import (IGNORE, collate_packed, example_length, first_fit_decreasing, pack_examples,
                            packing_efficiency, padded_efficiency)
+from utils.sampler import ResumeMismatch
 
 PAD = 0
 
@@ -154,6 +155,18 @@ def test_packed_objective_is_deterministic_and_resumes_exactly():
     other_seed = objective(examples, seed=1)
     assert not all(torch.equal(s, t) for s, t in zip(stream[0], other_seed.next_batch()))
     assert first.can_evaluate() and len(list(first.eval_batches(2, 10))) >= 1
+
+
+def test_a_state_resumes_only_over_the_same_unit():
+    examples = make_examples(60, high=41)
+    data = TaskData("sft", examples[:40], examples[40:], report=None)
+    unpacked = SFTObjective(data, batch_size=3, pad_id=PAD, seed=0)
+    with pytest.raises(ResumeMismatch, match="saved over examples, this run samples packed rows of 40"):
+        objective(examples).sampler.load_state_dict(unpacked.sampler.state_dict())
+    with pytest.raises(ResumeMismatch, match="saved over packed rows of 40, this run samples packed rows of 30"):
+        objective(examples, seq_len=30).sampler.load_state_dict(objective(examples).sampler.state_dict())
+    old_state = {k: v for k, v in unpacked.sampler.state_dict().items() if k != "unit"}    # saved before --pack
+    unpacked.sampler.load_state_dict(old_state)
 
 
 def test_packed_objective_hands_the_model_seq_idx():

@@ -70,9 +70,11 @@ class _ExampleObjective:
 
     progress_metrics = ()
 
-    def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1,
+                 unit: str = "examples"):
         self.train, self.val, self.pad_id = data.train, data.val, pad_id
-        self.sampler = ExampleSampler(len(self.train), batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.sampler = ExampleSampler(len(self.train), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                      unit=unit)
 
     def next_batch(self):
         return self.collate([self.train[i] for i in self.sampler.next_indices()])
@@ -116,7 +118,7 @@ class PackedSFTObjective(SFTObjective):
         self.seq_len = seq_len
         rows = dataclasses.replace(data, train=pack_examples(data.train, seq_len),
                                    val=pack_examples(data.val, seq_len))
-        super().__init__(rows, batch_size, pad_id, seed, rank, world_size)
+        super().__init__(rows, batch_size, pad_id, seed, rank, world_size, unit=f"packed rows of {seq_len}")
 
     def collate(self, rows):
         return collate_packed(rows, self.pad_id, self.seq_len)                 # x, y, seq_idx: (b, L) each
