@@ -11,10 +11,11 @@ import torch
 from models import LanguageModel, MambaConfig
 from training.config import ConfigError, TrainConfig
 from training.finetune import describe_packing
-from training.objectives import PackedSFTObjective, SFTObjective
-from utils.finetune_data import SFTExample, TaskData, collate
-from utils.packing import (IGNORE, collate_packed, example_length, first_fit_decreasing, pack_examples,
-                           packing_efficiency, padded_efficiency)
+from training.objectives import DPOObjective, PackedDPOObjective, PackedSFTObjective, SFTObjective, sequence_logps, document_logps
+from utils.finetune_data import PairExample, SFTExample, TaskData, collate, collate_pairs
+from utils.packing import (IGNORE, collate_packed, collate_packed_pairs, example_length, first_fit_decreasing,
+                           pack_examples, pack_pairs,
+                           packing_efficiency, padded_positions)
 from utils.sampler import ResumeMismatch
 
 PAD = 0
@@ -125,16 +126,20 @@ def test_an_example_longer_than_seq_len_keeps_the_unpacked_cut():
 
 def test_efficiency_figures():
     assert packing_efficiency([5, 3, 7, 2, 4, 6, 1], n_rows=3, seq_len=10) == pytest.approx(28 / 30)
-    # batches [2, 4] and [3, 1], each padded to its longest: 2*4 + 2*3 = 14 positions for 10 tokens
-    assert padded_efficiency([2, 4, 3, 1], batch_size=2) == pytest.approx(10 / 14)
-    assert padded_efficiency([2, 4, 3], batch_size=2) == pytest.approx(9 / 11)          # a last, short batch
+    # batches [2, 4] and [3, 1], each padded to its widest: 2*4 + 2*3 = 14 positions
+    assert padded_positions([2, 4, 3, 1], batch_size=2) == 14
+    assert padded_positions([2, 4, 3], batch_size=2) == 11                  # a last, short batch
     examples = make_examples(50, high=41)
-    line = describe_packing(examples, pack_examples(examples, 40), 40, 4, seed=0)
+    line = describe_packing("sft", examples, pack_examples(examples, 40), 40, 4, seed=0)
     assert "50 train examples into" in line and "packed" in line and "padded" in line
     # two examples of 3 and 1 positions in one row of 8: half full; padded batches of 2 hold 4 tokens in 6
     two = [SFTExample([1, 2, 3, 4], [IGNORE, 2, 3, 4]), SFTExample([5, 6], [IGNORE, 6])]
-    line = describe_packing(two, pack_examples(two, 8), 8, 2, seed=0)
+    line = describe_packing("sft", two, pack_examples(two, 8), 8, 2, seed=0)
     assert "into 1 rows of 8 (50.0% full)" in line and "100.0% packed, 66.7% padded" in line
+    # one pair (3 + 1 positions) in a row of 2 * 8: a quarter full; padded, two rows as wide as the chosen (3)
+    pair = PairExample(*two)
+    line = describe_packing("dpo", [pair], pack_pairs([pair], 8), 8, 2, seed=0)
+    assert "1 train pairs into 1 rows of 16 (25.0% full)" in line and "100.0% packed, 66.7% padded" in line
 
 
 def objective(examples, seed=0, batch_size=3, seq_len=40):
@@ -183,11 +188,12 @@ def test_packed_objective_hands_the_model_seq_idx():
     assert total.item() == pytest.approx(2.0 * obj.count(batch))
 
 
-def test_pack_is_a_setting_of_sft_only():
+def test_pack_is_a_setting_of_sft_and_dpo():
     common = dict(init_from="base", data="pairs.jsonl", pack=True)
     TrainConfig(task="sft", **common).validate()
-    with pytest.raises(ConfigError, match="pack is a setting of --task sft"):
-        TrainConfig(task="dpo", **common).validate()
+    TrainConfig(task="dpo", **common).validate()
+    with pytest.raises(ConfigError, match="pack is a setting of --task sft or dpo"):
+        TrainConfig(task="reward", **common).validate()
 
 
 class DocumentByDocument(torch.nn.Module):
@@ -198,7 +204,10 @@ class DocumentByDocument(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, targets, seq_idx, return_logits=True):
+    def forward(self, x, targets=None, seq_idx=None, return_logits=True):
+        if targets is None:                                 # the logits, (b, L, v)
+            return torch.stack([torch.cat([self.model(xs[None])[0][0] for xs, _, _ in split_row(x[r], x[r], seq_idx[r])])
+                                for r in range(x.shape[0])]), None
         losses = []
         for r in range(x.shape[0]):
             for xs, ys, _ in split_row(x[r], targets[r], seq_idx[r]):
@@ -236,3 +245,66 @@ def test_packed_loss_equals_the_examples_one_by_one():
         one_by_one = sum(alone.loss(model, alone.collate([e]))[0] for e in examples)
     assert len(packed.train) < len(examples)
     torch.testing.assert_close(packed_sum, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def make_pairs(n: int, seed: int, high: int) -> list[PairExample]:
+    rng = random.Random(seed)
+    return [PairExample(make_example(rng, rng.randint(2, high)), make_example(rng, rng.randint(2, high)))
+            for _ in range(n)]
+
+
+def test_pairs_pack_side_by_side_in_rows_of_twice_seq_len():
+    seq_len = 16
+    pairs = make_pairs(30, seed=5, high=20)                 # some sides longer than seq_len + 1: cut as unpacked
+    rows = pack_pairs(pairs, seq_len)
+    assert sorted(id(p) for row in rows for p in row) == sorted(id(p) for p in pairs)
+    x, y, seq_idx = collate_packed_pairs(rows, PAD, seq_len)
+    assert x.shape[1] <= 2 * seq_len
+    for r, row in enumerate(rows):
+        runs = split_row(x[r], y[r], seq_idx[r])
+        for j, pair in enumerate(row):
+            cut = [SFTExample(e.ids[:seq_len + 1], e.labels[:seq_len + 1]) for e in (pair.chosen, pair.rejected)]
+            xc, yc, xr, yr = collate_pairs([PairExample(*cut)], PAD)        # the loader's cut, then padded rows
+            for (xs, ys, _), ex, ey in ((runs[2 * j], xc, yc), (runs[2 * j + 1], xr, yr)):
+                n = len(xs)
+                assert torch.equal(xs, ex[0, :n]) and torch.equal(ys, ey[0, :n]) and bool((ey[0, n:] == IGNORE).all())
+
+
+def test_packed_dpo_equals_unpacked_with_a_stand_in_that_runs_each_document_alone():
+    torch.manual_seed(0)
+    policy = LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=64)).float().eval()
+    ref = LanguageModel(MambaConfig(d_model=16, n_layer=1, vocab_size=64)).float().eval()
+    pairs = make_pairs(9, seed=6, high=12)
+    data = TaskData("dpo", pairs, [], report=None)
+    packed = PackedDPOObjective(data, batch_size=len(pairs), pad_id=PAD, seed=0, seq_len=12, beta=0.5,
+                                reference=lambda x, y, seq_idx: document_logps(DocumentByDocument(ref), x, y, seq_idx))
+    unpacked = DPOObjective(data, batch_size=len(pairs), pad_id=PAD, seed=0, beta=0.5,
+                            reference=lambda x, y: sequence_logps(ref, x, y))
+    assert len(packed.train) < len(pairs)
+    with torch.no_grad():
+        batch = packed.collate(packed.train)
+        assert packed.count(batch) == len(pairs)
+        got, got_metrics = packed.loss(DocumentByDocument(policy), batch)
+        want, want_metrics = unpacked.loss(policy, unpacked.collate(pairs))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, value in want_metrics.items():
+        torch.testing.assert_close(got_metrics[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("seq_idx" not in inspect.signature(LanguageModel.forward).parameters,
+                    reason="needs seq_idx in LanguageModel.forward (issue 22 item 1, being built in parallel)")
+def test_packed_dpo_equals_unpacked():
+    torch.manual_seed(0)
+    policy = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64)).float().eval()
+    ref = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64)).float().eval()
+    pairs = make_pairs(9, seed=7, high=17)
+    data = TaskData("dpo", pairs, [], report=None)
+    packed = PackedDPOObjective(data, batch_size=len(pairs), pad_id=PAD, seed=0, seq_len=16, beta=0.5,
+                                reference=lambda x, y, seq_idx: document_logps(ref, x, y, seq_idx))
+    unpacked = DPOObjective(data, batch_size=len(pairs), pad_id=PAD, seed=0, beta=0.5,
+                            reference=lambda x, y: sequence_logps(ref, x, y))
+    with torch.no_grad():
+        got, _ = packed.loss(policy, packed.collate(packed.train))
+        want, _ = unpacked.loss(policy, unpacked.collate(pairs))
+    assert len(packed.train) < len(pairs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

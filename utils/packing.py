@@ -63,17 +63,33 @@ def pack_examples(examples: list, seq_len: int) -> list[list]:
     return [[examples[i] for i in row] for row in first_fit_decreasing(lengths, seq_len)]
 
 
+def pair_length(pair, seq_len: int) -> int:
+    """Row positions a preference pair fills: its chosen and its rejected side by side."""
+    return example_length(pair.chosen, seq_len) + example_length(pair.rejected, seq_len)
+
+
+def pack_pairs(pairs: list, seq_len: int) -> list[list]:
+    """Preference pairs (.chosen, .rejected) grouped into rows of at most 2 * seq_len positions: a row holds what
+    the padded layout's two rows (chosen, rejected) hold, so every pair fits."""
+    lengths = [pair_length(p, seq_len) for p in pairs]
+    return [[pairs[i] for i in row] for row in first_fit_decreasing(lengths, 2 * seq_len)]
+
+
+def collate_packed_pairs(rows: list[list], pad_id: int, seq_len: int):
+    """x, y, seq_idx as collate_packed, each row's documents chosen 0, rejected 0, chosen 1, rejected 1, ..."""
+    return collate_packed([[e for p in row for e in (p.chosen, p.rejected)] for row in rows], pad_id, seq_len)
+
+
 def packing_efficiency(lengths: list[int], n_rows: int, seq_len: int) -> float:
     """Real tokens / the capacity of n_rows rows of seq_len."""
     return sum(lengths) / (n_rows * seq_len)
 
 
-def padded_efficiency(lengths: list[int], batch_size: int) -> float:
-    """Real tokens / positions when the examples, in this order, go batch_size to a batch, one per row, each
-    batch padded to its longest example (what utils.finetune_data.collate does)."""
-    positions = sum(len(lengths[i:i + batch_size]) * max(lengths[i:i + batch_size])
-                    for i in range(0, len(lengths), batch_size))
-    return sum(lengths) / positions
+def padded_positions(widths: list[int], batch_size: int) -> int:
+    """Row positions when rows of these widths, in this order, go batch_size to a batch, each batch padded to its
+    widest row (what the collates do)."""
+    return sum(len(widths[i:i + batch_size]) * max(widths[i:i + batch_size])
+               for i in range(0, len(widths), batch_size))
 
 
 def collate_packed(rows: list[list], pad_id: int, seq_len: int):
