@@ -12,6 +12,9 @@ when they are sampled). A tree over the rows' free space finds the first row wit
 
     seq_idx: (b, L) int32, the example index of each token within its row (0,0,0,1,1,2,...); the padding after a
              row's last example counts as one more index, so it never joins that example.
+
+DPO pairs pack whole: a pair's chosen and rejected side by side as two documents (chosen 2j, rejected 2j + 1), in
+rows of 2 * seq_len, what the padded layout's chosen and rejected rows hold together.
 """
 from __future__ import annotations
 
