@@ -164,8 +164,9 @@ class DPOObjective(_ExampleObjective):
 
     capture_blocker = "task dpo: batches are padded to their longest pair (shapes vary)"
 
-    def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1):
-        super().__init__(data, batch_size, pad_id, seed, rank, world_size)
+    def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1,
+                 unit: str = "examples"):
+        super().__init__(data, batch_size, pad_id, seed, rank, world_size, unit=unit)
         self.reference, self.beta = reference, beta
 
     def collate(self, pairs):
@@ -208,9 +209,8 @@ class PackedDPOObjective(DPOObjective):
                  world_size=1):
         self.seq_len = seq_len
         rows = dataclasses.replace(data, train=pack_pairs(data.train, seq_len), val=pack_pairs(data.val, seq_len))
-        _ExampleObjective.__init__(self, rows, batch_size, pad_id, seed, rank, world_size,
-                                   unit=f"packed rows of pairs, {2 * seq_len}")
-        self.reference, self.beta = reference, beta
+        super().__init__(rows, batch_size, pad_id, seed, reference, beta, rank, world_size,
+                         unit=f"packed rows of pairs, {2 * seq_len}")
 
     def collate(self, rows):
         return collate_packed_pairs(rows, self.pad_id, self.seq_len)            # x, y, seq_idx: (b, L) each
