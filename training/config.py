@@ -54,6 +54,7 @@ class TrainConfig:
     lora_dropout: float = 0.0              # dropout on the adapters' input
     rslora: bool = False                   # rank-stabilised LoRA scaling alpha / sqrt(r)
     dpo_beta: float = 0.1                  # DPO: strength of the pull towards the reference model
+    pack: bool = False                     # SFT / DPO: pack several examples (pairs) into each row (first-fit decreasing; the model restarts at each example)
     # --- learning from rewards (--task grpo / ppo; training/grpo.py, training/ppo.py, training/rewards.py)
     reward: str | None = None              # rewards, comma-separated, summed: exact_match, regex, length, module:function, model:PATH
     reward_weights: str | None = None      # one weight per reward, comma-separated (default 1 each)
@@ -200,6 +201,9 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.dpo_beta > 0:
             raise ConfigError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.pack and self.task not in ("sft", "dpo"):
+            raise ConfigError(f"pack is a setting of --task sft or dpo (this run's task is {self.task}); packing "
+                              f"the other tasks' examples is not built yet")
         self._validate_rl()
 
     def _validate_rl(self) -> None:

@@ -8,6 +8,7 @@ deterministic rule of models/vocab.py, then the adapter.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -15,9 +16,12 @@ import torch
 from configs.lora import NOT_HONOURED_BY_TRANSFORMERS, PEFT_REFUSED_ON_MAMBA, lora_targets
 from models import lora
 from models.vocab import resize_vocab
+from utils import packing
+from utils.sampler import ExampleSampler
 
 from .config import ConfigError, TrainConfig
-from .objectives import DPOObjective, SFTObjective, sequence_logps
+from .objectives import (DPOObjective, PackedDPOObjective, PackedSFTObjective, SFTObjective, document_logps,
+                         sequence_logps)
 
 
 def load_task_data(cfg: TrainConfig, tokenizer, log):
@@ -103,17 +107,27 @@ def peft_note(targets) -> str | None:
             "write a merged plain checkpoint: python -m training.merge_lora CHECKPOINT OUT_DIR")
 
 
-def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device):
-    """The SFT or DPO objective. DPO's reference: the same model with adapters disabled (LoRA), else a frozen
-    copy of the starting weights (loaded from base_dir, so a resumed run keeps the original reference)."""
+def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, dist, device, log):
+    """The SFT or DPO objective (packed with cfg.pack: the packing efficiency is logged). DPO's reference: the same
+    model with adapters disabled (LoRA), else a frozen copy of the starting weights (loaded from base_dir, so a
+    resumed run keeps the original reference)."""
     common = dict(batch_size=cfg.micro_batch_size, pad_id=tokenizer.eot_id, seed=cfg.seed, rank=dist.rank,
                   world_size=dist.world_size)
     if cfg.task == "sft":
-        return SFTObjective(data, **common)
+        if not cfg.pack:
+            return SFTObjective(data, **common)
+        objective = PackedSFTObjective(data, seq_len=cfg.seq_len, **common)
+        log(describe_packing("sft", data.train, objective.train, cfg.seq_len, cfg.micro_batch_size, cfg.seed))
+        return objective
+
+    def logps(m, x, y, seq_idx=None):
+        """Summed log-probs per row (b,), or per document of packed rows (b, documents) when seq_idx is given."""
+        return sequence_logps(m, x, y) if seq_idx is None else document_logps(m, x, y, seq_idx)
+
     if cfg.lora:
-        def reference(x, y):
+        def reference(x, y, seq_idx=None):
             with lora.adapters_disabled(model):
-                return sequence_logps(model, x, y)
+                return logps(model, x, y, seq_idx)
     else:
         from models import load_pretrained
         ref_model = load_pretrained(base_dir, device="cpu", dtype=torch.float32, scan_backend=cfg.scan_backend,
@@ -121,9 +135,41 @@ def build_objective(cfg: TrainConfig, data, model, tokenizer, base_dir: Path, di
         resize_vocab(ref_model, tokenizer.vocab_size)
         ref_model = ref_model.to(device).eval().requires_grad_(False)
 
-        def reference(x, y):
-            return sequence_logps(ref_model, x, y)
-    return DPOObjective(data, reference=reference, beta=cfg.dpo_beta, **common)
+        def reference(x, y, seq_idx=None):
+            return logps(ref_model, x, y, seq_idx)
+    if not cfg.pack:
+        return DPOObjective(data, reference=reference, beta=cfg.dpo_beta, **common)
+    objective = PackedDPOObjective(data, reference=reference, beta=cfg.dpo_beta, seq_len=cfg.seq_len, **common)
+    log(describe_packing("dpo", data.train, objective.train, cfg.seq_len, cfg.micro_batch_size, cfg.seed))
+    return objective
+
+
+def describe_packing(task: str, units, rows, seq_len: int, batch_size: int, seed: int) -> str:
+    """The start-up line of --pack: how full the packed rows are, and the share of real tokens in the positions of
+    one epoch of batches, packed against padded (the batches the same seed would draw without --pack). A batch is
+    cut to its widest row either way, so a small set can lose less to padding than to half-empty packed rows.
+    units: SFT examples, or DPO pairs (padded: a chosen and a rejected row each, as wide as the longer one)."""
+    if task == "sft":
+        tokens = widths = [packing.example_length(e, seq_len) for e in units]
+        sides, capacity, fills = 1, seq_len, [sum(packing.example_length(e, seq_len) for e in row) for row in rows]
+    else:
+        tokens = [packing.pair_length(p, seq_len) for p in units]
+        widths = [max(packing.example_length(e, seq_len) for e in (p.chosen, p.rejected)) for p in units]
+        sides, capacity, fills = 2, 2 * seq_len, [sum(packing.pair_length(p, seq_len) for p in row) for row in rows]
+    full = packing.packing_efficiency(tokens, len(rows), capacity)
+    order, row_order = _one_epoch(len(units), batch_size, seed), _one_epoch(len(rows), batch_size, seed)
+    padded = (sum(tokens[i] for i in order)
+              / (sides * packing.padded_positions([widths[i] for i in order], batch_size)))
+    packed = sum(fills[i] for i in row_order) / packing.padded_positions([fills[i] for i in row_order], batch_size)
+    what = "examples" if task == "sft" else "pairs"
+    return (f"packing      {len(units):,} train {what} into {len(rows):,} rows of {capacity} ({full:.1%} full); "
+            f"real tokens per position in batches of {batch_size}: {packed:.1%} packed, {padded:.1%} padded")
+
+
+def _one_epoch(n: int, batch_size: int, seed: int) -> list[int]:
+    """The indices of the first ceil(n / batch_size) batches an ExampleSampler of this seed draws."""
+    sampler = ExampleSampler(n, batch_size, seed=seed)
+    return [i for _ in range(math.ceil(n / batch_size)) for i in sampler.next_indices()]
 
 
 # ---- loading an adapter checkpoint -----------------------------------------------------------------------------------

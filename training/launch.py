@@ -25,6 +25,7 @@ from . import extra_eval as extra
 from . import finetune
 from . import rl_setup
 from configs.vram import VRAM_CHOICES
+from utils.sampler import ResumeMismatch
 
 from .config import ConfigError, TrainConfig, parse_args, resolve_config
 from .memory import budget_bytes, estimate_for, fit_layout
@@ -259,12 +260,14 @@ def setup(overrides: dict, config_file: str | None = None, log=_say) -> Trainer:
                                              precision, run_dir, log)
     else:
         objective = None if cfg.task == "lm" else \
-            finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device)
+            finetune.build_objective(cfg, data, model, tokenizer, Path(cfg.init_from), dist, device, log)
     extra_eval = None if eval_sources is None else \
         extra.ExtraEvaluation(eval_sources, tokenizer, cfg.eval_tokens, cfg.micro_batch_size, cfg.eval_task_limit)
     try:
         trainer = Trainer(cfg, model, tokenizer, data, device, precision, dist, run_dir, resume_state=resume_state,
                           log=log, objective=objective, save_weights=save_weights, extra_eval=extra_eval)
+    except ResumeMismatch as err:       # the checkpoint's sampler state does not fit this run's data
+        raise ConfigError(f"--resume: {err}") from None
     except OSError as err:      # the run directory cannot be created or written
         raise ConfigError(f"cannot write to the run directory {str(run_dir)!r} ({err.strerror or err}); choose "
                           f"a writable --out_dir or --run_name") from None

@@ -13,12 +13,14 @@ is exact however the rows were split:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from utils.finetune_data import collate, collate_pairs
+from utils.packing import collate_packed, collate_packed_pairs, pack_examples, pack_pairs
 from utils.sampler import BatchSampler, ExampleSampler, eval_batches
 
 IGNORE = -100
@@ -31,6 +33,25 @@ def sequence_logps(model, x, y) -> torch.Tensor:
     mask = y != IGNORE
     picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)             # (b, L)
     return (picked * mask).sum(-1)
+
+
+def document_logps(model, x, y, seq_idx) -> torch.Tensor:
+    """Packed rows: the sum of log p(y_t | x_<=t) over each document's targets. x, y, seq_idx: (b, L) ->
+    (b, D) fp32, column d the row's document d (D = the largest index + 1; 0 where a row has no document d)."""
+    logits, _ = model(x, seq_idx=seq_idx)                                       # (b, L, v)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != IGNORE)          # (b, L)
+    sums = torch.zeros(x.shape[0], int(seq_idx.max()) + 1, device=picked.device, dtype=picked.dtype)
+    return sums.scatter_add(1, seq_idx.long(), picked)
+
+
+def pairs_of(doc_logps: torch.Tensor, seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows packed as chosen, rejected, chosen, rejected, ... (then padding): (chosen, rejected) log-probs, (pairs,)
+    each, row by row. A row of p pairs has documents 0 .. 2p - 1, and its padding (if any) is document 2p."""
+    pairs = doc_logps.shape[1] // 2
+    in_row = (seq_idx.max(dim=1).values.long() + 1) // 2                         # (b,) pairs per row
+    valid = torch.arange(pairs, device=seq_idx.device) < in_row[:, None]        # (b, pairs)
+    return doc_logps[:, 0:2 * pairs:2][valid], doc_logps[:, 1:2 * pairs:2][valid]
 
 
 class LMObjective:
@@ -68,9 +89,11 @@ class _ExampleObjective:
 
     progress_metrics = ()
 
-    def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1,
+                 unit: str = "examples"):
         self.train, self.val, self.pad_id = data.train, data.val, pad_id
-        self.sampler = ExampleSampler(len(self.train), batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.sampler = ExampleSampler(len(self.train), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                      unit=unit)
 
     def next_batch(self):
         return self.collate([self.train[i] for i in self.sampler.next_indices()])
@@ -98,9 +121,36 @@ class SFTObjective(_ExampleObjective):
     def loss(self, model, batch):
         x, y = batch
         _, loss = model(x, targets=y, return_logits=False)         # mean over the assistant tokens, chunked
-        n = self.count(batch)
-        # a piece with no assistant token (rows split after an out-of-memory) adds 0; its mean would be 0/0
-        return (loss * n if n else loss.nan_to_num(0.0) * 0), {}
+        return _summed(loss, self.count(batch)), {}
+
+
+class PackedSFTObjective(SFTObjective):
+    """SFT with several examples per row (utils/packing.py): rows planned by first-fit decreasing, train and
+    validation alike, then sampled like examples (so the sampler's state resumes exactly). The model restarts its
+    state at each example (seq_idx), so the loss is the one the unpacked rows give, on far fewer padding tokens."""
+
+    capture_blocker = ("task sft: batches are cut to their fullest row (shapes vary) and the loss is scaled by a "
+                       "token count read on the host")
+
+    def __init__(self, data, batch_size: int, pad_id: int, seed: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1):
+        self.seq_len = seq_len
+        rows = dataclasses.replace(data, train=pack_examples(data.train, seq_len),
+                                   val=pack_examples(data.val, seq_len))
+        super().__init__(rows, batch_size, pad_id, seed, rank, world_size, unit=f"packed rows of {seq_len}")
+
+    def collate(self, rows):
+        return collate_packed(rows, self.pad_id, self.seq_len)                 # x, y, seq_idx: (b, L) each
+
+    def loss(self, model, batch):
+        x, y, seq_idx = batch
+        _, loss = model(x, targets=y, seq_idx=seq_idx, return_logits=False)
+        return _summed(loss, self.count(batch)), {}
+
+
+def _summed(mean_loss, n: int):
+    # a piece with no assistant token (rows split after an out-of-memory) adds 0; its mean would be 0/0
+    return mean_loss * n if n else mean_loss.nan_to_num(0.0) * 0
 
 
 class DPOObjective(_ExampleObjective):
@@ -114,8 +164,9 @@ class DPOObjective(_ExampleObjective):
 
     capture_blocker = "task dpo: batches are padded to their longest pair (shapes vary)"
 
-    def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1):
-        super().__init__(data, batch_size, pad_id, seed, rank, world_size)
+    def __init__(self, data, batch_size, pad_id, seed, reference, beta: float = 0.1, rank=0, world_size=1,
+                 unit: str = "examples"):
+        super().__init__(data, batch_size, pad_id, seed, rank, world_size, unit=unit)
         self.reference, self.beta = reference, beta
 
     def collate(self, pairs):
@@ -131,14 +182,48 @@ class DPOObjective(_ExampleObjective):
         policy = sequence_logps(model, x, y)
         with torch.no_grad():
             ref = self.reference(x, y).float()
-        chosen = self.beta * (policy[:b] - ref[:b])                             # (b,)
-        rejected = self.beta * (policy[b:] - ref[b:])
+        return self.pair_losses(policy[:b], policy[b:], ref[:b], ref[b:])
+
+    def pair_losses(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+        """The summed loss and metrics of pairs from their log-probs, (pairs,) each."""
+        chosen = self.beta * (policy_chosen - ref_chosen)                       # (pairs,)
+        rejected = self.beta * (policy_rejected - ref_rejected)
         losses = -F.logsigmoid(chosen - rejected)
         chosen, rejected = chosen.detach(), rejected.detach()
         metrics = {"rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
                    "rewards/margins": (chosen - rejected).sum(),
                    "rewards/accuracies": (chosen > rejected).float().sum()}
         return losses.sum(), metrics
+
+
+class PackedDPOObjective(DPOObjective):
+    """DPO with several pairs per row (utils/packing.py): each pair's chosen and rejected side by side as two
+    documents, rows of 2 * seq_len (what the padded layout's chosen and rejected rows of seq_len hold), planned by
+    first-fit decreasing. `reference(x, y, seq_idx)` returns the reference's document_logps. The per-pair log-probs
+    are the ones unpacked rows give, so is the loss."""
+
+    capture_blocker = ("task dpo: batches are cut to their fullest row (shapes vary) and the pair count is read on "
+                       "the host")
+
+    def __init__(self, data, batch_size, pad_id, seed, reference, seq_len: int, beta: float = 0.1, rank=0,
+                 world_size=1):
+        self.seq_len = seq_len
+        rows = dataclasses.replace(data, train=pack_pairs(data.train, seq_len), val=pack_pairs(data.val, seq_len))
+        super().__init__(rows, batch_size, pad_id, seed, reference, beta, rank, world_size,
+                         unit=f"packed rows of pairs, {2 * seq_len}")
+
+    def collate(self, rows):
+        return collate_packed_pairs(rows, self.pad_id, self.seq_len)            # x, y, seq_idx: (b, L) each
+
+    def count(self, batch) -> int:
+        return int(((batch[2].max(dim=1).values.long() + 1) // 2).sum())
+
+    def loss(self, model, batch):
+        x, y, seq_idx = batch
+        policy = pairs_of(document_logps(model, x, y, seq_idx), seq_idx)
+        with torch.no_grad():
+            ref = pairs_of(self.reference(x, y, seq_idx).float(), seq_idx)
+        return self.pair_losses(*policy, *ref)
 
 
 LN2 = math.log(2)   # the DPO loss when policy == reference

@@ -12,6 +12,10 @@ import numpy as np
 import torch
 
 
+class ResumeMismatch(ValueError):
+    """A saved sampler state does not fit this run's data (a resume with other data, seq_len or --pack)."""
+
+
 class BatchSampler:
     """Random windows of a (n,) token array; next_batch() -> x, y: (batch_size, seq_len) int64, y = x shifted.
 
@@ -78,7 +82,7 @@ class BatchSampler:
         (positions count global windows, so a different batch_size or world_size still never repeats data)."""
         for key, mine in (("seq_len", self.seq_len), ("n_tokens", len(self.tokens))):
             if state[key] != mine:
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has {mine}: the "
+                raise ResumeMismatch(f"sampler state was saved with {key}={state[key]}, this sampler has {mine}: the "
                                  "data or seq_len changed since the checkpoint, so the stream cannot be resumed")
         self.seed, self.position = int(state["seed"]), int(state["position"])
         self._cached_epoch = None
@@ -120,13 +124,15 @@ class ExampleSampler:
 
     Epoch e is a permutation of range(n) drawn from a generator seeded with (seed, e); the state is one position
     (examples handed out so far, all ranks together), so a restored sampler continues exactly. Under DDP rank r
-    takes the r-th slice of batch_size of every step's world_size * batch_size examples.
+    takes the r-th slice of batch_size of every step's world_size * batch_size examples. `unit` names what is
+    sampled ("examples", or the packed rows of --pack), so that a state resumes only over the same unit.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 unit: str = "examples"):
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be positive, got {n}, {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, int(seed)
+        self.n, self.batch_size, self.seed, self.unit = n, batch_size, int(seed), unit
         self.rank, self.world_size = rank, world_size
         self.position = 0
         self._cached = None     # (epoch, permutation)
@@ -144,11 +150,15 @@ class ExampleSampler:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "position": self.position, "n_examples": self.n, "batch_size": self.batch_size,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "unit": self.unit}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("unit", "examples")       # states from before --pack sampled examples
+        if saved != self.unit:
+            raise ResumeMismatch(f"sampler state was saved over {saved}, this run samples {self.unit}: resume with "
+                                 f"the --pack and seq_len the checkpoint was trained with")
         if state["n_examples"] != self.n:
-            raise ValueError(f"sampler state was saved with {state['n_examples']} examples, this data has {self.n}: "
+            raise ResumeMismatch(f"sampler state was saved with {state['n_examples']} examples, this data has {self.n}: "
                              "the data changed since the checkpoint, so the stream cannot be resumed")
         self.seed, self.position = int(state["seed"]), int(state["position"])
         self._cached = None
