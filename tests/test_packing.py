@@ -2,7 +2,6 @@
 against each example's own padded row (tokens, masked targets, seq_idx), the efficiency figures, truncation, an
 exact resume of the packed sampler, and (once the model reads seq_idx) the loss of a packed batch against the
 examples run one by one."""
-import inspect
 import random
 
 import pytest
@@ -231,8 +230,6 @@ def test_packed_loss_with_a_stand_in_that_runs_each_document_alone():
     torch.testing.assert_close(packed_sum, one_by_one, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif("seq_idx" not in inspect.signature(LanguageModel.forward).parameters,
-                    reason="needs seq_idx in LanguageModel.forward (issue 22 item 1, being built in parallel)")
 def test_packed_loss_equals_the_examples_one_by_one():
     torch.manual_seed(0)
     model = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64)).float().eval()
@@ -291,8 +288,6 @@ def test_packed_dpo_equals_unpacked_with_a_stand_in_that_runs_each_document_alon
         torch.testing.assert_close(got_metrics[name], value, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif("seq_idx" not in inspect.signature(LanguageModel.forward).parameters,
-                    reason="needs seq_idx in LanguageModel.forward (issue 22 item 1, being built in parallel)")
 def test_packed_dpo_equals_unpacked():
     torch.manual_seed(0)
     policy = LanguageModel(MambaConfig(d_model=32, n_layer=2, vocab_size=64)).float().eval()
