@@ -20,6 +20,7 @@ kernel, decided once per device by the language model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +43,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, backend="torch"):
         return add_rms_norm(x, None, self.weight, self.eps, backend=backend)[0]
+
+
+@torch.no_grad()
+def init_projections(in_proj: nn.Linear, out_proj: nn.Linear, n_layer: int) -> None:
+    """A Mamba mixer's two projections: biases (if any) zero; out_proj PyTorch's default uniform scaled by
+    1/sqrt(n_layer), GPT-2 style, since it feeds the residual stream once per layer."""
+    for linear in (in_proj, out_proj):
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+    nn.init.kaiming_uniform_(out_proj.weight, a=math.sqrt(5))
+    out_proj.weight.div_(math.sqrt(n_layer))
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

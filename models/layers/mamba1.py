@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kernels import block_step, causal_conv1d, causal_conv1d_update, mixer_step, selective_scan, selective_state_update
 
-from .base import REFERENCE, KernelChoice, Layer, ModelKernels, RMSNorm, add_norm, compute_dtype
+from .base import KernelChoice, Layer, ModelKernels, REFERENCE, RMSNorm, add_norm, compute_dtype, init_projections
 
 
 class SelectiveSSM(nn.Module):
@@ -65,12 +65,7 @@ class SelectiveSSM(nn.Module):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
         self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
         self.D.fill_(1.0)
-        for linear in (self.in_proj, self.out_proj):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-        # GPT-2 style: out_proj feeds the residual stream once per layer, so scale it by 1/sqrt(n_layer)
-        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
-        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+        init_projections(self.in_proj, self.out_proj, cfg.n_layer)
 
     def forward(self, x, attention_mask=None, conv_state=None, ssm_state=None, kernels=REFERENCE, seq_idx=None):
         """Args:

@@ -28,7 +28,7 @@ from kernels import causal_conv1d, causal_conv1d_update
 from kernels.norm_gated import rms_norm_gated
 from kernels.ssd import process_dt, ssd_scan, ssd_state_update
 
-from .base import REFERENCE, Layer, ModelKernels, RMSNorm, add_norm, compute_dtype
+from .base import Layer, ModelKernels, REFERENCE, RMSNorm, add_norm, compute_dtype, init_projections
 
 
 class GatedRMSNorm(nn.Module):
@@ -85,12 +85,7 @@ class Mamba2Mixer(nn.Module):
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(low, high)
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
-        for linear in (self.in_proj, self.out_proj):
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-        # GPT-2 style: out_proj feeds the residual stream once per layer, so scale it by 1/sqrt(n_layer)
-        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
-        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+        init_projections(self.in_proj, self.out_proj, cfg.n_layer)
 
     def forward(self, u, attention_mask=None, conv_state=None, ssm_state=None, kernels=None, seq_idx=None):
         """Args:
