@@ -75,6 +75,16 @@ class _Skip(Exception):
     """One line cannot be used; the message is the reason."""
 
 
+def json_object(line: str) -> dict:
+    """One JSONL line as a dict; _Skip (the reason counted in the report) if it is not a JSON object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise _Skip("not JSON") from None
+    if not isinstance(record, dict):
+        raise _Skip("not a JSON object")
+    return record
+
 
 def read_data_file(path: Path) -> str:
     """The text of a --data file (JSONL of examples or prompts); a missing or unreadable file is a DataError."""
@@ -108,13 +118,7 @@ def load_task_data(path, task: str, tokenizer, seq_len: int, val_fraction: float
             continue
         report.lines += 1
         try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise _Skip("not JSON") from None
-            if not isinstance(record, dict):
-                raise _Skip("not a JSON object")
-            example, truncated = parse(record, tokenizer, seq_len)
+            example, truncated = parse(json_object(line), tokenizer, seq_len)
         except _Skip as why:
             report.skip(str(why), number)
             continue

@@ -8,13 +8,12 @@ A file with nothing usable raises DataError.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.chat import encode_chat
 from utils.errors import DataError
-from utils.finetune_data import Report, _messages, _Skip, _split, read_data_file
+from utils.finetune_data import Report, _messages, _Skip, _split, json_object, read_data_file
 
 
 @dataclass
@@ -67,12 +66,7 @@ def load_prompts(path, tokenizer, max_prompt_tokens: int, val_fraction: float) -
 
 
 def _prompt_example(line: str, tokenizer, max_prompt_tokens: int) -> PromptExample:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise _Skip("not JSON") from None
-    if not isinstance(record, dict):
-        raise _Skip("not a JSON object")
+    record = json_object(line)
     if "prompt" not in record:
         raise _Skip("missing field prompt")
     messages = _messages(record["prompt"], "prompt", "user")
