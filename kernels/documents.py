@@ -39,3 +39,12 @@ def seq_idx_from_lengths(lengths: list[list[int]], device: torch.device | str = 
     if len({len(r) for r in rows}) != 1:
         raise ValueError(f"every row must hold the same number of tokens, got {[len(r) for r in rows]}")
     return torch.stack(rows).to(device=device, dtype=torch.int32)
+
+
+def seq_idx_from_separators(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """(batch, seqlen) int32 from a window of a token stream whose documents end with `separator_id` (end-of-text):
+    a token's index is the number of separators before it, so a separator closes its document and the next token
+    starts a new one, e.g. [a, b, EOT, c, EOT, d] -> [0, 0, 0, 1, 1, 2]. A cumulative sum on input_ids' device:
+    non-decreasing by construction, no host synchronisation (a CUDA graph can capture it)."""
+    is_separator = (input_ids == separator_id).to(torch.int32)
+    return (torch.cumsum(is_separator, dim=1, dtype=torch.int32) - is_separator).to(torch.int32)

@@ -55,6 +55,7 @@ class TrainConfig:
     rslora: bool = False                   # rank-stabilised LoRA scaling alpha / sqrt(r)
     dpo_beta: float = 0.1                  # DPO: strength of the pull towards the reference model
     pack: bool = False                     # SFT / DPO: pack several examples (pairs) into each row (first-fit decreasing; the model restarts at each example)
+    reset_at_doc_boundaries: bool = False  # task lm: the model restarts at each document of a window (after each end-of-text token); off as the published Mamba checkpoints were trained
     # --- learning from rewards (--task grpo / ppo; training/grpo.py, training/ppo.py, training/rewards.py)
     reward: str | None = None              # rewards, comma-separated, summed: exact_match, regex, length, module:function, model:PATH
     reward_weights: str | None = None      # one weight per reward, comma-separated (default 1 each)
@@ -204,6 +205,9 @@ class TrainConfig:
         if self.pack and self.task not in ("sft", "dpo"):
             raise ConfigError(f"pack is a setting of --task sft or dpo (this run's task is {self.task}); packing "
                               f"the other tasks' examples is not built yet")
+        if self.reset_at_doc_boundaries and self.task != "lm":
+            raise ConfigError(f"reset_at_doc_boundaries is a setting of --task lm (this run's task is {self.task}); "
+                              f"for sft / dpo use --pack, which restarts the model at each example")
         self._validate_rl()
 
     def _validate_rl(self) -> None:

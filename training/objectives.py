@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.documents import seq_idx_from_separators
 from utils.finetune_data import collate, collate_pairs
 from utils.packing import collate_packed, collate_packed_pairs, pack_examples, pack_pairs
 from utils.sampler import BatchSampler, ExampleSampler, eval_batches
@@ -55,13 +56,19 @@ def pairs_of(doc_logps: torch.Tensor, seq_idx: torch.Tensor) -> tuple[torch.Tens
 
 
 class LMObjective:
-    """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData)."""
+    """Next-token prediction on packed windows of a token corpus (utils.dataset.PreparedData).
+
+    reset_at: None (the default, as the published Mamba checkpoints were trained) lets the state flow from one
+    document into the next; the end-of-text id makes the model restart at each document of a window instead. The
+    boundaries are read from x inside `loss` (not carried in the batch), so a captured CUDA graph computes them
+    too, and training and validation alike see them."""
 
     capture_blocker = None      # fixed (batch, seq_len) windows, a fixed token count: a step replays as a CUDA graph
     progress_metrics = ()       # the objective's metrics the progress bar shows (besides loss, lr, tokens/s)
 
-    def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.val_tokens, self.seq_len = data.val_tokens, seq_len
+    def __init__(self, data, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 reset_at: int | None = None):
+        self.val_tokens, self.seq_len, self.reset_at = data.val_tokens, seq_len, reset_at
         self.sampler = BatchSampler(data.train_tokens, seq_len, batch_size, seed=seed, rank=rank,
                                     world_size=world_size)
 
@@ -73,7 +80,8 @@ class LMObjective:
 
     def loss(self, model, batch):
         x, y = batch
-        _, loss = model(x, targets=y, return_logits=False)         # the chunked loss: no (b, L, v) fp32 logits
+        seq_idx = None if self.reset_at is None else seq_idx_from_separators(x, self.reset_at)
+        _, loss = model(x, targets=y, seq_idx=seq_idx, return_logits=False)   # chunked: no (b, L, v) fp32 logits
         return loss * y.numel(), {}
 
     def can_evaluate(self) -> bool:

@@ -85,7 +85,8 @@ class Trainer:
                                                      (cfg.beta1, cfg.beta2), device)
         self.scaler = precision.make_scaler()
         if objective is None:
-            objective = LMObjective(data, cfg.seq_len, cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
+            objective = LMObjective(data, cfg.seq_len, cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size,
+                                    reset_at=tokenizer.eot_id if cfg.reset_at_doc_boundaries else None)
         self.objective, self.sampler, self.save_weights = objective, objective.sampler, save_weights
         self.step_metrics: dict[str, float] = {}    # the objective's own metrics of the last step (DPO rewards)
         self.eval_metrics: dict[str, float] = {}    # the objective's own metrics of the last evaluation
